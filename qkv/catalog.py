@@ -1,0 +1,666 @@
+"""The catalog: one record per mechanism, grouped by family, and the papers without one.
+
+Each :class:`Mechanism` names its paper, its family, whether it is implemented, where its
+reference function and tutorial live, and which dispatched ops carry its hot loops. ``qkv list``
+and the docs' catalog page are generated from these records and from the backend registry.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Status = Literal["implemented", "planned"]
+
+FAMILIES: dict[str, str] = {
+    "core": "the baseline every other family builds on",
+    "heads": "how heads share keys and values",
+    "positions": "where position enters the score",
+    "forms": "other score functions and shapes of attention",
+    "local": "locality and routing (vision)",
+    "kv": "KV-cache eviction, merging and quantisation",
+    "sparse": "which keys a decoding query reads",
+    "retrieval": "search and ranking with queries and keys",
+    "recsys": "attention over features and behaviours",
+    "analysis": "reading and editing attention in trained models",
+}
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """One catalog row.
+
+    ``reference`` is ``"module:function"`` (resolved lazily by :meth:`reference_fn`);
+    ``ops`` are the dispatched ops whose backend coverage ``qkv list`` reports for this row.
+    """
+
+    id: str
+    family: str
+    what: str
+    paper: str
+    arxiv: str | None = None
+    code: str | None = None
+    status: Status = "planned"
+    reference: str | None = None
+    ops: tuple[str, ...] = ()
+    tutorial: str | None = None
+    tests: tuple[str, ...] = ()
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family: expected one of {sorted(FAMILIES)}, got {self.family!r}")
+        if self.tutorial is None:
+            object.__setattr__(self, "tutorial", f"tutorials/{self.family}/{self.id}.py")
+        if not self.tests:
+            object.__setattr__(self, "tests", (f"tests/reference/test_{self.family}.py",))
+
+    def reference_fn(self) -> Callable | None:
+        """The reference function (or class), or ``None`` while the row is planned."""
+        if self.reference is None:
+            return None
+        module, _, name = self.reference.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Paper:
+    """A catalog paper that carries no query/key/value mechanism, with the reason."""
+
+    title: str
+    reason: str
+    arxiv: str | None = None
+
+
+def _m(id: str, family: str, what: str, paper: str, **kw) -> Mechanism:
+    return Mechanism(id=id, family=family, what=what, paper=paper, **kw)
+
+
+_KDGQA = "Beyond Uniform Query Distribution: Key-Driven Grouped Query Attention"
+_RCMHA = "RCMHA: Relative Convolutional Multi-Head Attention for Natural Language Modelling"
+_FULU = (
+    "The Nature of Mathematical Modeling and Probabilistic Optimization Engineering "
+    "in Generative AI"
+)
+_TENSOR = (
+    "How to Capture Higher-order Correlations? Generalizing Matrix Softmax Attention "
+    "to Kronecker Computation"
+)
+_DAVIT = "DaViT: Dual Attention Vision Transformers"
+
+MECHANISMS: tuple[Mechanism, ...] = (
+    # core
+    _m(
+        "sdpa",
+        "core",
+        "softmax attention: scale, boolean/additive masks, causal, grouped KV "
+        "heads; output, weights and log-sum-exp",
+        "Attention Is All You Need",
+        arxiv="1706.03762",
+        status="implemented",
+        reference="qkv.reference.core:sdpa",
+        ops=("sdpa",),
+        tests=("tests/reference/test_core.py",),
+    ),
+    _m(
+        "flash",
+        "core",
+        "the same, tile by tile with the online softmax: no N x M matrix kept",
+        "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness",
+        arxiv="2205.14135",
+        status="implemented",
+        reference="qkv.reference.core:flash",
+        ops=("flash",),
+        tutorial="tutorials/core/sdpa.py",
+        tests=("tests/reference/test_core.py",),
+    ),
+    _m(
+        "rope",
+        "core",
+        "rotary position embedding, with position offsets",
+        "RoFormer: Enhanced Transformer with Rotary Position Embedding",
+        arxiv="2104.09864",
+        status="implemented",
+        reference="qkv.reference.core:rope",
+        ops=("rope",),
+        tutorial="tutorials/core/sdpa.py",
+        tests=("tests/reference/test_core.py",),
+    ),
+    _m(
+        "alibi",
+        "core",
+        "ALiBi linear attention biases and head slopes",
+        "Train Short, Test Long: Attention with Linear Biases Enables Input Length Extrapolation",
+        arxiv="2108.12409",
+        status="implemented",
+        reference="qkv.reference.core:alibi",
+        tutorial="tutorials/core/sdpa.py",
+        tests=("tests/reference/test_core.py",),
+    ),
+    # heads
+    _m(
+        "gqa",
+        "heads",
+        "MHA / MQA / GQA forward; MHA to GQA uptraining by mean-pooling KV heads",
+        _KDGQA,
+        arxiv="2408.08454",
+        code="https://github.com/yjzhang0505/key-driven-gqa",
+    ),
+    _m(
+        "kdgqa",
+        "heads",
+        "key-norm-driven query allocation per forward pass",
+        _KDGQA,
+        arxiv="2408.08454",
+        tutorial="tutorials/heads/gqa.py",
+    ),
+    _m(
+        "dgqa",
+        "heads",
+        "query allocation from key norms tracked over training (EMA or window)",
+        _KDGQA,
+        arxiv="2408.08454",
+        tutorial="tutorials/heads/gqa.py",
+    ),
+    _m(
+        "pgqa",
+        "heads",
+        "perturbed GQA",
+        _KDGQA,
+        arxiv="2408.08454",
+        tutorial="tutorials/heads/gqa.py",
+    ),
+    _m(
+        "diffqkv",
+        "heads",
+        "differentially compressed K and V, augmented Q head dim",
+        "Sigma: Differential Rescaling of Query, Key and Value for Efficient Language Models",
+    ),
+    _m(
+        "rcmha",
+        "heads",
+        "depth-wise causal conv on Q/K/V + relative positional scores",
+        _RCMHA,
+        arxiv="2308.03429",
+    ),
+    _m(
+        "mdha",
+        "heads",
+        "multi-DConv-head attention baseline",
+        _RCMHA,
+        arxiv="2308.03429",
+        tutorial="tutorials/heads/rcmha.py",
+    ),
+    _m(
+        "rmha",
+        "heads",
+        "relative multi-head attention baseline",
+        _RCMHA,
+        arxiv="2308.03429",
+        tutorial="tutorials/heads/rcmha.py",
+    ),
+    # positions
+    _m(
+        "rope_alibi_harmonic",
+        "positions",
+        "factored RoPE x ALiBi with a harmonic series",
+        _FULU,
+        arxiv="2410.18441",
+    ),
+    _m(
+        "positional_attention",
+        "positions",
+        "attention weights from positional encodings only",
+        "Positional Attention: Expressivity and Learnability of Algorithmic Computation",
+        code="https://github.com/opallab/positional_attention",
+    ),
+    _m(
+        "object_pe",
+        "positions",
+        "object-level 3-D sinusoidal positional encoding",
+        "OAT: Object-Level Attention Transformer for Gaze Scanpath Prediction",
+    ),
+    # forms
+    _m(
+        "sigmoid",
+        "forms",
+        "sigmoid attention with bias -log n, no row normalisation",
+        "Theory, Analysis, and Best Practices for Sigmoid Self-Attention",
+        arxiv="2409.04431",
+    ),
+    _m(
+        "selective",
+        "forms",
+        "query/position temperature scaling of the softmax, value temperature",
+        "Selective Attention: Enhancing Transformer through Principled Context Control",
+        code="https://github.com/umich-sota/selective_attention",
+    ),
+    _m(
+        "agent",
+        "forms",
+        "agent tokens: softmax(Q A^T) softmax(A K^T) V with biases and DWC",
+        "Agent Attention: On the Integration of Softmax and Linear Attention",
+        arxiv="2312.08874",
+    ),
+    _m(
+        "gaussian",
+        "forms",
+        "multi-head Gaussian adaptive attention",
+        "Gaussian Adaptive Attention is All You Need",
+    ),
+    _m("tensor", "forms", "triple-wise (Kronecker) attention, exact", _TENSOR, arxiv="2310.04064"),
+    _m(
+        "tensor_approx",
+        "forms",
+        "polynomial low-rank approximation of tensor attention",
+        _TENSOR,
+        arxiv="2310.04064",
+        tutorial="tutorials/forms/tensor.py",
+    ),
+    _m(
+        "ffnified",
+        "forms",
+        "FFNified attention: conv query-key, GELU, conv value",
+        "MetaMixer Is All You Need",
+        code="https://github.com/ysj9909/FFNet",
+    ),
+    _m(
+        "icl_regression",
+        "forms",
+        "one-layer multi-head softmax attention for in-context regression",
+        "In-Context Linear Regression Demystified",
+        arxiv="2503.12734",
+    ),
+    # local
+    _m(
+        "neighborhood",
+        "local",
+        "1-D/2-D/3-D neighborhood attention, dilation, causal",
+        "Faster Neighborhood Attention",
+        arxiv="2403.04690",
+        code="https://github.com/SHI-Labs/NATTEN",
+    ),
+    _m(
+        "bilevel_routing",
+        "local",
+        "region top-k routing, then token attention (+ LePE)",
+        "BiFormer: Vision Transformer with Bi-Level Routing Attention",
+        arxiv="2303.08810",
+        code="https://github.com/rayleizhu/BiFormer",
+    ),
+    _m(
+        "hilo",
+        "local",
+        "high-frequency window heads + low-frequency pooled-KV heads",
+        "Fast Vision Transformers with HiLo Attention",
+        arxiv="2205.13213",
+        code="https://github.com/ziplab/LITv2",
+    ),
+    _m("channel_attention", "local", "channel-group attention", _DAVIT, arxiv="2204.03645"),
+    _m(
+        "window_attention",
+        "local",
+        "spatial window attention",
+        _DAVIT,
+        arxiv="2204.03645",
+        tutorial="tutorials/local/channel_attention.py",
+    ),
+    # kv
+    _m(
+        "streaming",
+        "kv",
+        "attention sinks + recent window, with position re-rotation",
+        "Efficient Streaming Language Models with Attention Sinks",
+        arxiv="2309.17453",
+        code="https://github.com/mit-han-lab/streaming-llm",
+    ),
+    _m(
+        "snapkv",
+        "kv",
+        "observation-window voting, pooling, per-head top-k",
+        "SnapKV: LLM Knows What You are Looking for Before Generation",
+        arxiv="2404.14469",
+    ),
+    _m(
+        "duo",
+        "kv",
+        "retrieval vs streaming heads; gate optimisation on synthetic passkeys",
+        "DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads",
+        arxiv="2410.10819",
+        code="https://github.com/mit-han-lab/duo-attention",
+    ),
+    _m(
+        "razor",
+        "kv",
+        "retrieval-head search; compensation token for dropped tokens",
+        "RazorAttention: Efficient KV Cache Compression Through Retrieval Heads",
+        arxiv="2407.15891",
+    ),
+    _m(
+        "taskkv",
+        "kv",
+        "semantic centre of heads, heterogeneous heads keep full cache",
+        "Task-KV: Task-aware KV Cache Optimization via Semantic Differentiation of Attention Heads",
+        arxiv="2501.15113",
+    ),
+    _m(
+        "critic",
+        "kv",
+        "token-importance KV compression",
+        "Scaling Test-Time Inference with Policy-Optimized, Dynamic Retrieval-Augmented "
+        "Generation via KV Caching and Decoding",
+        arxiv="2504.01281",
+    ),
+    _m(
+        "zipcache",
+        "kv",
+        "normalised attention saliency; mixed-precision KV quantisation",
+        "ZipCache: Accurate and Efficient KV Cache Quantization with Salient Token Identification",
+        arxiv="2405.14256",
+    ),
+    _m(
+        "zipvl",
+        "kv",
+        "dynamic important-token ratio; mixed precision",
+        "ZipVL: Efficient Large Vision-Language Models with Dynamic Token Sparsification",
+        arxiv="2410.08584",
+    ),
+    _m(
+        "saq", "kv", "staircase adaptive quantisation of an MQA KV cache", _FULU, arxiv="2410.18441"
+    ),
+    _m(
+        "quota",
+        "kv",
+        "query-oriented token budget assignment across frames",
+        "QuoTA: Query-oriented Token Assignment via CoT Query Decouple for Long Video "
+        "Comprehension",
+    ),
+    # sparse
+    _m(
+        "sparse_attention",
+        "sparse",
+        "attention of each head over its own selected key indices, merged by log-sum-exp",
+        "(shared op)",
+    ),
+    _m(
+        "tokenselect",
+        "sparse",
+        "per-head soft voting on q.K, selection cache",
+        "TokenSelect: Efficient Long-Context Inference and Length Extrapolation for LLMs via "
+        "Dynamic Token-Level KV Cache Selection",
+        arxiv="2411.02886",
+        code="https://github.com/pzs19/TokenSelect",
+    ),
+    _m(
+        "tidaldecode",
+        "sparse",
+        "token-selection layers, position-persistent selection",
+        "TidalDecode: Fast and Accurate LLM Decoding with Position Persistent Sparse Attention",
+        arxiv="2410.05076",
+    ),
+    _m(
+        "hip",
+        "sparse",
+        "hierarchical tree-search top-k pruning",
+        "HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning",
+        arxiv="2406.09827",
+    ),
+    _m(
+        "actqkv",
+        "sparse",
+        "activation-bias probe query, dynamic KV cut-off",
+        "Activation-aware Probe-Query: Effective Key-Value Retrieval for Long-Context LLMs "
+        "Inference",
+    ),
+    _m(
+        "a2ats",
+        "sparse",
+        "windowed RoPE + query-aware vector quantisation of keys",
+        "A^2ATS: Retrieval-Based KV Cache Reduction via Windowed Rotary Position Embedding and "
+        "Query-Aware Vector Quantization",
+    ),
+    _m(
+        "prflash",
+        "sparse",
+        "probabilistic block selection keeping the causal shape",
+        _FULU,
+        arxiv="2410.18441",
+    ),
+    # retrieval
+    _m(
+        "retrieval_attention",
+        "retrieval",
+        "attention-aware ANN index over keys",
+        "RetrievalAttention: Accelerating Long-Context LLM Inference via Vector Retrieval",
+        arxiv="2409.10516",
+        code="https://github.com/microsoft/RetrievalAttention",
+    ),
+    _m(
+        "leanvec",
+        "retrieval",
+        "LeanVec-ID and LeanVec-OOD projections + quantised search",
+        "LeanVec: Searching vectors faster by making them fit",
+        arxiv="2312.16335",
+    ),
+    _m(
+        "cosine_adapter",
+        "retrieval",
+        "query-dependent mapping of cosine scores + one threshold",
+        "Relevance Filtering for Embedding-based Retrieval",
+    ),
+    _m(
+        "anncur",
+        "retrieval",
+        "CUR approximation of cross-encoder scores, then re-rank",
+        "Efficient Nearest Neighbor Search for Cross-Encoder Models using Matrix Factorization",
+        arxiv="2210.12579",
+    ),
+    _m(
+        "icr",
+        "retrieval",
+        "in-context re-ranking from attention, calibrated",
+        "Attention in Large Language Models Yields Efficient Zero-Shot Re-Rankers",
+        arxiv="2410.02642",
+    ),
+    # recsys
+    _m(
+        "autoint",
+        "recsys",
+        "multi-head self-attention over feature fields with residual",
+        "AutoInt: Automatic Feature Interaction Learning via Self-Attentive Neural Networks",
+        arxiv="1810.11921",
+        code="https://github.com/shichence/AutoInt",
+    ),
+    _m(
+        "dare",
+        "recsys",
+        "decoupled attention and representation embeddings",
+        "Long-Sequence Recommendation Models Need Decoupled Embeddings",
+        arxiv="2410.02604",
+        code="https://github.com/thuml/DARE",
+    ),
+    _m(
+        "sdim",
+        "recsys",
+        "SimHash bucket sampling in place of target attention",
+        "Sampling Is All You Need on Modeling Long-Term User Behaviors for CTR Prediction",
+        arxiv="2205.10249",
+    ),
+    _m(
+        "mqsa",
+        "recsys",
+        "long/short multi-query self-attention + transition distillation",
+        "Collaboration and Transition: Distilling Item Transitions into Multi-Query "
+        "Self-Attention for Sequential Recommendation",
+        code="https://github.com/zhuty16/MQSA-TED",
+    ),
+    _m(
+        "coda_prompt",
+        "recsys",
+        "attention-weighted prompt components",
+        "CODA-Prompt: COntinual Decomposed Attention-based Prompting for Rehearsal-Free "
+        "Continual Learning",
+        arxiv="2211.13218",
+    ),
+    # analysis
+    _m(
+        "sink_metric",
+        "analysis",
+        "per-head sink importance and sink rate",
+        "When Attention Sink Emerges in Language Models: An Empirical View",
+        arxiv="2410.10781",
+        code="https://github.com/sail-sg/Attention-Sink",
+    ),
+    _m(
+        "act",
+        "analysis",
+        "attention calibration of hidden sinks",
+        "Unveiling and Harnessing Hidden Attention Sinks: Training-Free Attention Calibration",
+        code="https://github.com/GATECH-EIC/ACT",
+    ),
+    _m(
+        "var",
+        "analysis",
+        "visual-sink detection and attention redistribution",
+        "See What You Are Told: Visual Attention Sink in Large Multimodal Models",
+        code="https://github.com/MICV-yonsei/VisAttnSink",
+    ),
+    _m(
+        "retrieval_heads",
+        "analysis",
+        "retrieval score of heads on needle tasks",
+        "Retrieval Head Mechanistically Explains Long-Context Factuality",
+        arxiv="2404.15574",
+        code="https://github.com/nightdessert/Retrieval_Head",
+    ),
+    _m(
+        "circuits",
+        "analysis",
+        "direct logit attribution, activation patching, QK/OV subspaces",
+        "Does Circuit Analysis Interpretability Scale? Evidence from Multiple Choice "
+        "Capabilities in Chinchilla",
+        arxiv="2307.09458",
+    ),
+    _m(
+        "vocab_keys",
+        "analysis",
+        "next-token softmax as query x vocabulary keys",
+        "Correlation and Navigation in the Vocabulary Key Representation Space of Language Models",
+    ),
+    _m(
+        "minilm_distill",
+        "analysis",
+        "self-attention distribution and value-relation distillation",
+        "MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression of Pre-Trained "
+        "Transformers",
+        arxiv="2002.10957",
+    ),
+    _m(
+        "margin_mse",
+        "analysis",
+        "Margin-MSE cross-architecture distillation loss for rankers",
+        "Improving Efficient Neural Ranking Models with Cross-Architecture Knowledge Distillation",
+        arxiv="2010.02666",
+    ),
+)
+
+PAPERS_WITHOUT_MECHANISM: tuple[Paper, ...] = tuple(
+    Paper(title, reason)
+    for title, reason in (
+        (
+            "PUMGPT: A Large Vision-Language Model for Product Understanding",
+            "a trained product model; its layer-wise adapters are not specified beyond the abstract",
+        ),
+        (
+            "QVHighlights: Detecting Moments and Highlights in Videos via Natural Language Queries",
+            "a data set and a DETR-style baseline model",
+        ),
+        (
+            "QUEACO: Borrowing Treasures from Weakly-labeled Behavior Data for Query Attribute "
+            "Value Extraction",
+            "teacher-student NER training on weak labels",
+        ),
+        (
+            "Multi-Label Zero-Shot Product Attribute-Value Extraction (HyperPAVE)",
+            "hypergraph link prediction",
+        ),
+        (
+            "Cross-Domain Product Representation Learning for Rich-Content E-Commerce",
+            "a data set and a multimodal representation model",
+        ),
+        (
+            "Manipulating Large Language Models to Increase Product Visibility",
+            "adversarial prompt text, no attention mechanism",
+        ),
+        (
+            "Unified Dual-Intent Translation for Joint Modeling of Search and Recommendation",
+            "translation-based embeddings, no attention mechanism specified",
+        ),
+        (
+            "PerSRV: Personalized Sticker Retrieval with Vision-Language Model",
+            "a VLM pipeline and clustering",
+        ),
+        (
+            "Leveraging LLMs for Enhanced Product Descriptions in eCommerce",
+            "fine-tuning for text generation",
+        ),
+        (
+            "Exploring the Viability of Synthetic Query Generation for Relevance Prediction",
+            "data generation study",
+        ),
+        (
+            "Using clarification questions to improve software developers' Web search",
+            "question recommendation",
+        ),
+        ("SIFT: Grounding LLM Reasoning in Contexts via Stickers", "a prompting procedure"),
+        (
+            "KITAB: Evaluating LLMs on Constraint Satisfaction for Information Retrieval",
+            "a data set",
+        ),
+        ("Query Understanding via Intent Description Generation", "a text-generation task"),
+        (
+            "Knowledge-Augmented Large Language Models for Personalized Contextual Query "
+            "Suggestion",
+            "a prompting system",
+        ),
+        (
+            "Hallucinations or Attention Misdirection? The Path to Strategic Value Extraction in "
+            "Business Using Large Language Models (PGI)",
+            "a prompting framework",
+        ),
+    )
+)
+
+_BY_ID = {m.id: m for m in MECHANISMS}
+
+
+def ids() -> list[str]:
+    """Every mechanism id, in catalog order."""
+    return [m.id for m in MECHANISMS]
+
+
+def get(mechanism_id: str) -> Mechanism:
+    """The record of one id; ``KeyError`` names the close matches."""
+    try:
+        return _BY_ID[mechanism_id]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(mechanism_id, _BY_ID, n=3)
+        raise KeyError(
+            f"unknown mechanism id {mechanism_id!r}"
+            + (f"; did you mean {', '.join(close)}?" if close else "")
+        ) from None
+
+
+def implemented() -> list[Mechanism]:
+    return [m for m in MECHANISMS if m.status == "implemented"]
+
+
+def by_family() -> dict[str, list[Mechanism]]:
+    return {f: [m for m in MECHANISMS if m.family == f] for f in FAMILIES}

@@ -1,0 +1,173 @@
+"""The ``qkv`` command: ``list``, ``check``, ``tour``, ``bench`` and ``lab``.
+
+Each command is a thin layer over a library function (the catalog, :mod:`qkv.testing`,
+:mod:`qkv.tour`, :mod:`qkv.bench`, :mod:`qkv.lab`) that prints with ``rich``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qkv import _dispatch, catalog
+
+app = typer.Typer(
+    help="qkv: queries, keys and values from recent attention research.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+lab_app = typer.Typer(help="Real data and the lab model.", no_args_is_help=True)
+app.add_typer(lab_app, name="lab")
+console = Console()
+
+
+def coverage() -> dict[str, dict[str, str]]:
+    """op -> backend -> ``"yes"`` (implemented), ``"fallback"`` or ``"unavailable: reason"``.
+
+    Read from the registry itself: an op is covered by a backend when the backend module
+    defines a callable of that name.
+    """
+    table: dict[str, dict[str, str]] = {}
+    modules = {name: _dispatch.load(name) for name in _dispatch.known_backends()}
+    for op in _dispatch.OPS:
+        row = {}
+        for name, module in modules.items():
+            ok, reason = _dispatch.availability(module)
+            has = _dispatch.provides(module, op)
+            row[name] = ("yes" if has else "fallback") + ("" if ok else " (unavailable here)")
+        table[op] = row
+    return table
+
+
+@app.command("list")
+def list_(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """The catalog (every mechanism id, its paper and status) and the op x backend matrix."""
+    import qkv  # noqa: F401  (registers the dispatched ops)
+
+    cover = coverage()
+    if as_json:
+        payload = {
+            "mechanisms": [
+                {
+                    "id": m.id,
+                    "family": m.family,
+                    "what": m.what,
+                    "paper": m.paper,
+                    "arxiv": m.arxiv,
+                    "status": m.status,
+                    "reference": m.reference,
+                    "tutorial": m.tutorial,
+                    "ops": list(m.ops),
+                    "backends": {op: cover.get(op, {}) for op in m.ops},
+                }
+                for m in catalog.MECHANISMS
+            ],
+            "papers_without_mechanism": [
+                {"title": p.title, "reason": p.reason} for p in catalog.PAPERS_WITHOUT_MECHANISM
+            ],
+            "coverage": cover,
+            "backends": {
+                name: dict(
+                    zip(
+                        ("available", "reason"),
+                        _dispatch.availability(_dispatch.load(name)),
+                        strict=True,
+                    )
+                )
+                for name in _dispatch.known_backends()
+            },
+        }
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    for family, members in catalog.by_family().items():
+        table = Table(title=f"{family}: {catalog.FAMILIES[family]}", title_justify="left")
+        for column in ("id", "status", "what", "paper"):
+            table.add_column(column, overflow="fold")
+        for m in members:
+            status = "[green]implemented" if m.status == "implemented" else "[dim]planned"
+            table.add_row(m.id, status, m.what, m.paper)
+        console.print(table)
+    backends = _dispatch.known_backends()
+    matrix = Table(title="op x backend coverage", title_justify="left")
+    matrix.add_column("op")
+    for name in backends:
+        ok, _ = _dispatch.availability(_dispatch.load(name))
+        matrix.add_column(name if ok else f"{name} (n/a here)")
+    for op, row in cover.items():
+        cells = [
+            "[green]yes" if row[b].startswith("yes") else "[yellow]reference" for b in backends
+        ]
+        matrix.add_row(op, *cells)
+    console.print(matrix)
+    done = len(catalog.implemented())
+    console.print(f"{done} of {len(catalog.MECHANISMS)} mechanisms implemented.")
+
+
+@app.command()
+def check(
+    backend: Annotated[str, typer.Argument(help="A backend name or dotted module path.")],
+    ops: Annotated[
+        list[str] | None, typer.Option("--op", help="Only this op (repeatable).")
+    ] = None,
+    max_examples: Annotated[int, typer.Option(help="Hypothesis examples per op.")] = 50,
+) -> None:
+    """Run the conformance suite on a backend: every op it provides against the reference."""
+    from qkv.testing import check_backend
+
+    report = check_backend(backend, ops=ops, max_examples=max_examples, progress=True)
+    console.print(report.table())
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def tour(
+    backends: Annotated[
+        list[str] | None, typer.Option("--backend", help="Only this backend (repeatable).")
+    ] = None,
+) -> None:
+    """Every implemented mechanism on real MiniLM data through every available backend."""
+    from qkv.tour import run
+
+    result = run(backends=backends, progress=True)
+    console.print(result.table())
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option(help="Small sizes and few repeats (a smoke run).")] = False,
+    out: Annotated[Path, typer.Option(help="Where the JSON results go.")] = Path(
+        "benchmarks/results/cpu.json"
+    ),
+) -> None:
+    """Time each backend against the NumPy reference and torch SDPA, in one run."""
+    from qkv.bench import run
+
+    result = run(quick=quick, out=out, progress=True)
+    console.print(result.table())
+
+
+@lab_app.command("capture-minilm")
+def capture_minilm(
+    out: Annotated[Path | None, typer.Option(help="Where the npz goes.")] = None,
+) -> None:
+    """Capture real queries, keys and values of the MiniLM encoder into qkv/data."""
+    from qkv.lab.minilm import capture
+
+    path = capture(out=out, progress=True)
+    console.print(f"wrote {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
