@@ -73,8 +73,8 @@ def _tile_scores(
         tile = mask[:, :, rows, cols].reshape(B, Hkv, G, n, m)  # (B, Hkv, G, n, m)
         if tile.dtype == np.bool_:
             s = np.where(tile, s, -np.inf)
-        else:
-            s = s + tile.astype(s.dtype, copy=False)
+        else:  # an additive -inf masks the entry outright (so a NaN score stays shielded)
+            s = np.where(np.isneginf(tile), -np.inf, s + tile.astype(s.dtype, copy=False))
     if causal:
         s = np.where(causal_allowed(N, M, rows, cols), s, -np.inf)
     return s
