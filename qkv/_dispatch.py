@@ -9,8 +9,8 @@ backend's own type) and ``to_numpy(x)``. The backend an op runs on is, first mat
 3. the ``QKV_BACKEND`` environment variable, read at each call;
 4. ``"reference"``.
 
-Names are the built-ins below, names registered in the ``qkv.backends`` entry-point group, or a
-dotted module path. The caller gets back the array type it passed in (the type of the first
+Names are the built-ins below, names registered in the ``qkv.backends`` entry-point group, or an
+importable module path such as ``mypkg.qkv_backend``. The caller gets back the array type it passed in (the type of the first
 array argument). An op the backend lacks, or inputs it declines by raising ``Unsupported``,
 run on the reference with one ``FallbackWarning`` per (backend, op); ``QKV_STRICT=1`` turns
 that into ``MissingOp``.
@@ -81,19 +81,15 @@ def load(backend: str | ModuleType) -> ModuleType:
         module = importlib.import_module(BUILTIN[backend])
     elif backend in (eps := _entry_points()):
         module = eps[backend].load()
-    elif "." in backend:
+    else:
         try:
             module = importlib.import_module(backend)
         except ImportError as exc:
             raise UnknownBackend(
-                f"backend: could not import module {backend!r} ({exc}); "
+                f"backend: unknown name {backend!r} (not a built-in, not registered in the "
+                f"{ENTRY_POINT_GROUP!r} entry points, and not an importable module: {exc}); "
                 f"known names: {', '.join(known_backends())}"
             ) from exc
-    else:
-        raise UnknownBackend(
-            f"backend: unknown name {backend!r}; known names: {', '.join(known_backends())}, "
-            "or a dotted module path such as 'mypkg.qkv_backend'"
-        )
     missing = [attr for attr in PROTOCOL if not hasattr(module, attr)]
     if missing:
         raise UnknownBackend(
@@ -177,7 +173,7 @@ def _restore(value: Any, module: ModuleType, like: Any) -> Any:
 
 
 def _fallback(module: ModuleType, name: str, reason: str) -> None:
-    message = f"backend {module.NAME!r} {reason} for op {name!r}; running the NumPy reference"
+    message = f"backend {module.NAME!r} {reason}; running the NumPy reference"
     if os.environ.get("QKV_STRICT", "") not in ("", "0"):
         raise MissingOp(f"{message} is not allowed with QKV_STRICT=1")
     if (module.NAME, name) not in _warned:
@@ -192,12 +188,12 @@ def call(name: str, args: tuple, kwargs: dict, backend: str | ModuleType | None)
     reference = importlib.import_module(BUILTIN["reference"])
     fn = OPS[name] if module.NAME == "reference" else getattr(module, name, None)
     if fn is None:
-        _fallback(module, name, "does not implement this op")
+        _fallback(module, name, f"does not implement op {name!r}")
     else:
         try:
             out = fn(*_convert(args, module.asarray), **_convert(kwargs, module.asarray))
         except Unsupported as why:
-            _fallback(module, name, f"does not support these inputs ({why})")
+            _fallback(module, name, f"does not support these inputs to op {name!r} ({why})")
         else:
             return _restore(out, module, like)
     out = OPS[name](*_convert(args, reference.asarray), **_convert(kwargs, reference.asarray))

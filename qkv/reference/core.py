@@ -92,7 +92,7 @@ def _prepare(
     v = v.astype(work, copy=False)  # (B, Hkv, M, Dv)
     if mask is not None:
         mask = np.broadcast_to(np.asarray(mask), (B, H, N, M))  # (B, H, N, M), a view
-    scale = 1.0 / np.sqrt(D) if scale is None else float(scale)
+    scale = float(1.0 / np.sqrt(D) if scale is None else scale)  # a Python float: keeps dtype
     return dims, qg, k, v, mask, scale
 
 
@@ -242,7 +242,10 @@ def flash(
                 s = _tile_scores(
                     qg[:, :, :, rows], k[:, :, cols], scale, mask, causal, N, M, rows, cols
                 )
-                weights[:, :, :, rows, cols] = np.exp(s - lse[:, :, :, rows, None])
+                row_lse = lse[:, :, :, rows, None]  # -inf for rows with no key: weights 0
+                weights[:, :, :, rows, cols] = np.exp(
+                    s - np.where(np.isneginf(row_lse), 0.0, row_lse)
+                )
         weights = weights.reshape(B, H, N, M).astype(q.dtype, copy=False)  # (B, H, N, M)
     return _results(
         out.reshape(B, H, N, Dv).astype(q.dtype, copy=False),  # (B, H, N, Dv)
