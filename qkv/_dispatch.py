@@ -156,8 +156,11 @@ def reset_warnings() -> None:
 
 
 def _convert(value: Any, to: Callable[[Any], Any]) -> Any:
+    """Arrays (also inside tuples and keyword dicts) converted by ``to``; the rest as is."""
     if _arrays.is_array(value):
         return to(value)
+    if isinstance(value, dict):
+        return {key: _convert(v, to) for key, v in value.items()}
     if isinstance(value, tuple) and any(_arrays.is_array(v) for v in value):
         return tuple(_convert(v, to) for v in value)
     return value

@@ -234,3 +234,23 @@ def test_a_toy_backend_in_a_subprocess_via_environment(tmp_path):
         check=True,
     )
     assert result.stdout.split() == ["env_backend", "['sdpa']"]
+
+
+def test_keyword_arrays_reach_the_backend_in_its_array_type():
+    seen = {}
+
+    def recording_sdpa(q, k, v, *, mask=None, **kwargs):
+        seen["q"], seen["mask"] = type(q), type(mask)
+        return q
+
+    def tag(x):
+        return np.asarray(x).view(TaggedArray)
+
+    class TaggedArray(np.ndarray):
+        pass
+
+    module = _module("tagging", sdpa=recording_sdpa)
+    module.asarray = tag
+    q, k, v = arrays()
+    qkv.sdpa(q, k, v, mask=np.ones((5, 6), bool), backend=module)
+    assert seen == {"q": TaggedArray, "mask": TaggedArray}

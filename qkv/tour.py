@@ -1,0 +1,369 @@
+"""``qkv tour``: every implemented mechanism, on real MiniLM data, through every backend.
+
+Each implemented catalog mechanism that has a *tour case* (a dispatched op and a way to build
+its inputs from the embedded MiniLM capture, see :func:`tour_case`) runs through every backend
+that can run here. Each run is compared with the NumPy reference evaluated in float64 on the
+same inputs and timed against the reference in float32. A backend that lacks the op, or
+declines the inputs, falls back to the reference with a ``FallbackWarning``: the tour shows
+such a run as ``fallback`` and does not time it as if the backend had done the work.
+
+Errors are reported two ways, both relative to the float64 result ``R`` of the same case:
+norm-wise ``||Y - R||_F / ||R||_F`` and elementwise relative to the output's scale
+``max|Y - R| / max|R|``. Both must stay within :data:`TOUR_RTOL_FP32`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from types import ModuleType
+from typing import Any, Literal
+
+import numpy as np
+
+import qkv
+from qkv import _dispatch, catalog
+from qkv.errors import FallbackWarning
+from qkv.lab.minilm import MiniLMCapture, load
+
+TOUR_RTOL_FP32 = 1e-4
+"""Largest relative error a float32 run may show in the tour, norm-wise and elementwise.
+
+Measured against the float64 reference on the same inputs. The attention of a real encoder
+at this size (softmax rows over a few hundred keys, head dim 32) rounds to about ``1e-7``
+relative in float32; ``1e-4`` leaves room for any summation order and flags a real bug (a wrong
+mask, scale or head) by orders of magnitude.
+"""
+
+TIMING_REPEATS = 5
+"""Timed runs per (case, backend) at most, after one untimed warm-up (which compiles)."""
+
+TIMING_BUDGET_S = 1.0
+"""Stop timing a (case, backend) once its timed runs have taken this many seconds."""
+
+Status = Literal["ok", "mismatch", "error", "fallback"]
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class TourCase:
+    """One tour run: dispatched op ``op`` on inputs built from the MiniLM capture.
+
+    ``inputs(data, dtype)`` returns the positional and keyword arguments of the op, with every
+    floating array in ``dtype`` (the tour calls it with float32 for the backends and float64
+    for the reference result they are compared with).
+    """
+
+    mechanism: str
+    label: str
+    op: str
+    inputs: Callable[[MiniLMCapture, type[np.floating]], Inputs]
+
+
+#: Tour cases by mechanism id, in registration order.
+CASES: dict[str, list[TourCase]] = {}
+
+
+def tour_case(
+    mechanism: str, label: str, *, op: str | None = None
+) -> Callable[[Callable[[MiniLMCapture, type[np.floating]], Inputs]], TourCase]:
+    """Register the decorated input builder as a tour case of ``mechanism``.
+
+    ``op`` is the dispatched op to run (default: the mechanism id). The builder takes the
+    capture and a float dtype and returns ``(args, kwargs)`` for the op.
+    """
+
+    def register(inputs: Callable[[MiniLMCapture, type[np.floating]], Inputs]) -> TourCase:
+        case = TourCase(mechanism, label, op or mechanism, inputs)
+        CASES.setdefault(mechanism, []).append(case)
+        return case
+
+    return register
+
+
+def _qkv(data: MiniLMCapture, dtype: type[np.floating]) -> tuple[np.ndarray, ...]:
+    """All six layers as a batch: ``q, k, v`` each ``(B, H, N, D) = (6, 12, N, 32)``."""
+    return data.q.astype(dtype), data.k.astype(dtype), data.v.astype(dtype)
+
+
+@tour_case("sdpa", "full")
+def _sdpa(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """Bidirectional attention, as the encoder computes it."""
+    return _qkv(data, dtype), {}
+
+
+@tour_case("sdpa", "causal")
+def _sdpa_causal(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """The same scores with the causal mask of a decoder."""
+    return _qkv(data, dtype), {"causal": True}
+
+
+@tour_case("flash", "full")
+def _flash(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """Bidirectional attention, tile by tile."""
+    return _qkv(data, dtype), {}
+
+
+@tour_case("flash", "causal")
+def _flash_causal(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """Causal attention, tile by tile (key tiles above the diagonal are skipped)."""
+    return _qkv(data, dtype), {"causal": True}
+
+
+@tour_case("rope", "queries")
+def _rope(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """The captured queries rotated at their positions ``0 .. N-1``."""
+    return (data.q.astype(dtype),), {"positions": np.arange(data.n_tokens)}
+
+
+@tour_case("alibi", "as mask", op="sdpa")
+def _alibi(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """Causal attention with ALiBi's biases (the paper's decoder form) as the additive mask."""
+    bias = qkv.alibi(data.n_heads, data.n_tokens, data.n_tokens, dtype=dtype)  # (H, N, N)
+    return _qkv(data, dtype), {"mask": bias, "causal": True}
+
+
+@dataclass(frozen=True)
+class TourRow:
+    """The outcome of one case on one backend.
+
+    ``err_norm`` is ``||Y - R||_F / ||R||_F`` and ``err_max`` is ``max|Y - R| / max|R|``
+    against the float64 reference ``R``; ``seconds`` is the best timed run (``None`` for a
+    fallback or an error) and ``speedup`` the reference's time over this one.
+    """
+
+    mechanism: str
+    case: str
+    backend: str
+    status: Status
+    err_norm: float | None = None
+    err_max: float | None = None
+    seconds: float | None = None
+    speedup: float | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class TourResult:
+    """All rows of a tour, the backends it skipped (name -> reason) and untoured mechanisms."""
+
+    rows: list[TourRow]
+    skipped: dict[str, str] = field(default_factory=dict)
+    untoured: tuple[str, ...] = ()
+    data: str = ""
+    tolerance: float = TOUR_RTOL_FP32
+
+    @property
+    def ok(self) -> bool:
+        """True when no run mismatched or failed (fallbacks are fine: they are the reference)."""
+        return all(row.status in ("ok", "fallback") for row in self.rows)
+
+    def table(self) -> Any:
+        """The rows as a ``rich.table.Table``; notes, skipped backends and untoured ids below."""
+        from rich import box
+        from rich.table import Table
+
+        table = Table(
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            title="qkv tour: real MiniLM queries, keys and values",
+            title_justify="left",
+            caption=self._caption(),
+            caption_justify="left",
+        )
+        for name in ("mechanism", "backend", "status"):
+            table.add_column(name, no_wrap=True)
+        for name in ("err norm", "err max", "time", "vs ref"):
+            table.add_column(name, justify="right", no_wrap=True)
+        colours = {"ok": "green", "fallback": "yellow", "mismatch": "red", "error": "red"}
+        for row in self.rows:
+            status = f"[{colours[row.status]}]{row.status}"
+            table.add_row(
+                f"{row.mechanism} [dim]{row.case}",
+                row.backend,
+                status,
+                _number(row.err_norm, "{:.1e}"),
+                _number(row.err_max, "{:.1e}"),
+                _duration(row.seconds),
+                _number(row.speedup, "{:.2f}x"),
+            )
+        return table
+
+    def _caption(self) -> str:
+        lines = [
+            f"Data: {self.data}." if self.data else "",
+            "Inputs float32; errors against the NumPy reference in float64 R: "
+            "err norm = ||Y-R|| / ||R||, err max = max|Y-R| / max|R|; "
+            f"tolerance {self.tolerance:g} for both. Time: best of up to {TIMING_REPEATS} runs "
+            "after a warm-up; vs ref: speed-up over the reference in float32.",
+        ]
+        notes = dict.fromkeys(
+            f"{row.backend} {row.status} on {row.mechanism}/{row.case}: {row.note}"
+            if row.status != "fallback"
+            else f"{row.backend} falls back: {row.note}"
+            for row in self.rows
+            if row.note
+        )
+        lines += notes
+        lines += [f"skipped {name}: {reason}" for name, reason in self.skipped.items()]
+        if self.untoured:
+            lines.append(f"no tour case yet: {', '.join(self.untoured)}")
+        return "\n".join(line for line in lines if line)
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
+
+
+def relative_errors(out: np.ndarray, golden: np.ndarray) -> tuple[float, float]:
+    """``(||out - golden||_F / ||golden||_F, max|out - golden| / max|golden|)`` in float64.
+
+    Any shapes, equal between the two. A NaN anywhere makes both NaN. An all-zero ``golden``
+    measures absolute error instead.
+    """
+    diff = out.astype(np.float64) - golden  # same shape as golden
+    norm = float(np.linalg.norm(golden)) or 1.0
+    scale = float(np.abs(golden).max(initial=0.0)) or 1.0
+    return float(np.linalg.norm(diff)) / norm, float(np.abs(diff).max(initial=0.0)) / scale
+
+
+def _best_time(fn: Callable[[], Any]) -> float:
+    """The fastest of up to :data:`TIMING_REPEATS` calls, within :data:`TIMING_BUDGET_S`."""
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < TIMING_REPEATS and (runs == 0 or spent < TIMING_BUDGET_S):
+        start = time.perf_counter()
+        fn()
+        took = time.perf_counter() - start
+        best, spent, runs = min(best, took), spent + took, runs + 1
+    return best
+
+
+def _run_case(case: TourCase, module: ModuleType, inputs: Inputs, golden: np.ndarray) -> TourRow:
+    """Warm up (and check) then time ``case`` on ``module``; never raises for the backend."""
+    args, kwargs = inputs
+    row = {"mechanism": case.mechanism, "case": case.label, "backend": module.NAME}
+
+    def call() -> Any:
+        return _dispatch.call(case.op, args, kwargs, module)
+
+    try:
+        _dispatch.reset_warnings()  # so that a fallback warned before this tour still shows
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = call()
+        fell_back = [w for w in caught if issubclass(w.category, FallbackWarning)]
+        for w in caught:  # pass the other warnings on to the caller
+            if not issubclass(w.category, FallbackWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        out = np.asarray(out)
+        if out.shape != golden.shape or out.dtype != np.float32:
+            note = f"returned {out.dtype} {out.shape}, expected float32 {golden.shape}"
+            return TourRow(**row, status="mismatch", note=note)
+        err_norm, err_max = relative_errors(out, golden)
+        errors = {"err_norm": err_norm, "err_max": err_max}
+        if not (err_norm <= TOUR_RTOL_FP32 and err_max <= TOUR_RTOL_FP32):
+            return TourRow(**row, status="mismatch", **errors)
+        if fell_back:
+            note = (
+                f"{case.op} is not implemented"
+                if not _dispatch.provides(module, case.op)
+                else f"{case.op} declines these inputs ({fell_back[0].message})"
+            )
+            return TourRow(**row, status="fallback", note=note, **errors)
+        return TourRow(**row, status="ok", seconds=_best_time(call), **errors)
+    except Exception as exc:  # a failing backend is a row of the table, not a crash of the tour
+        return TourRow(**row, status="error", note=f"{type(exc).__name__}: {exc}"[:200])
+
+
+def _backends(
+    backends: Sequence[str | ModuleType] | None,
+) -> tuple[list[ModuleType], dict[str, str]]:
+    """The reference first, then the other backends that can run here; the rest with reasons.
+
+    Names given explicitly must be known (``UnknownBackend`` otherwise); with ``None`` every
+    known backend is tried and one that fails to import is skipped with the reason.
+    """
+    chosen: list[str | ModuleType] = list(
+        _dispatch.known_backends() if backends is None else backends
+    )
+    modules, skipped = [_dispatch.load("reference")], {}
+    for backend in chosen:
+        if backends is None:
+            try:
+                module = _dispatch.load(backend)
+            except Exception as exc:
+                skipped[str(backend)] = f"cannot be loaded: {exc}"
+                continue
+        else:
+            module = _dispatch.load(backend)
+        if module.NAME in (m.NAME for m in modules):
+            continue
+        available, reason = _dispatch.availability(module)
+        if available:
+            modules.append(module)
+        else:
+            skipped[module.NAME] = reason
+    return modules, skipped
+
+
+def run(backends: Sequence[str | ModuleType] | None = None, progress: bool = False) -> TourResult:
+    """Run every implemented mechanism's tour cases through the backends and compare.
+
+    Args:
+        backends: backend names or modules to tour (default: every known backend). The
+            reference always runs, first: it is what the speed-ups are measured against.
+            Backends that cannot run here are skipped and listed with the reason.
+        progress: show a rich progress bar.
+
+    Each run first clears the dispatcher's memory of which fallbacks it has warned about
+    (:func:`qkv._dispatch.reset_warnings`), so that every fallback shows in the table.
+
+    Returns:
+        A :class:`TourResult`: ``.rows``, ``.ok`` (no mismatch and no error) and ``.table()``.
+    """
+    data = load()
+    modules, skipped = _backends(backends)
+    implemented = [m.id for m in catalog.implemented()]
+    cases = [case for mechanism in implemented for case in CASES.get(mechanism, ())]
+    untoured = tuple(m for m in implemented if m not in CASES)
+    rows: list[TourRow] = []
+    bar: Any = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        task = bar.add_task("tour", total=len(cases) * len(modules))
+        bar.start()
+    try:
+        for case in cases:
+            args64, kwargs64 = case.inputs(data, np.float64)
+            golden = np.asarray(_dispatch.OPS[case.op](*args64, **kwargs64))
+            inputs = case.inputs(data, np.float32)
+            reference_time = None
+            for module in modules:
+                if bar is not None:
+                    bar.update(task, description=f"{case.mechanism} on {module.NAME}")
+                row = _run_case(case, module, inputs, golden)
+                if module.NAME == "reference":
+                    reference_time = row.seconds
+                if row.seconds and reference_time:
+                    row = replace(row, speedup=reference_time / row.seconds)
+                rows.append(row)
+                if bar is not None:
+                    bar.advance(task)
+    finally:
+        if bar is not None:
+            bar.stop()
+    described = (
+        f"{data.model} on {data.n_tokens} tokens of Python's docs: "
+        f"(layers, heads, tokens, head dim) = {data.q.shape}, the layers as the batch"
+    )
+    return TourResult(rows=rows, skipped=skipped, untoured=untoured, data=described)
