@@ -2,6 +2,18 @@
 
 Torch tensors stay torch tensors (on their device, with autograd where the op supports it);
 NumPy input is wrapped with ``torch.from_numpy`` and handed back as NumPy.
+
+Ops:
+
+* ``sdpa``: torch's fused ``scaled_dot_product_attention`` (explicit softmax when weights or
+  log-sum-exp are requested), with the reference's masks, bottom-right causality, grouped heads
+  and zero output for rows that may see no key;
+* ``flash``: a Triton forward kernel on CUDA tensors (and on CPU tensors under
+  ``TRITON_INTERPRET=1``), otherwise the ``sdpa`` path; see
+  :func:`qkv.backends.torch._attention.flash` for which runs when;
+* ``rope``: rotary position embedding.
+
+Neither torch nor triton is imported until an op runs.
 """
 
 from __future__ import annotations
@@ -10,10 +22,17 @@ from typing import Any
 
 import numpy as np
 
+from qkv.backends.torch._attention import flash, sdpa
+from qkv.backends.torch._rope import rope
+from qkv.backends.torch._tensors import as_tensor
+
 NAME = "torch"
+
+__all__ = ["NAME", "asarray", "available", "flash", "rope", "sdpa", "to_numpy"]
 
 
 def available() -> tuple[bool, str]:
+    """``(True, ...)`` when torch can be imported, else ``(False, reason and fix)``."""
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -22,14 +41,10 @@ def available() -> tuple[bool, str]:
 
 
 def asarray(x: Any) -> Any:
-    import torch
-
-    if isinstance(x, torch.Tensor):
-        return x
-    if type(x).__module__.startswith("cupy"):
-        return torch.from_dlpack(x)
-    return torch.from_numpy(np.ascontiguousarray(x))
+    """``x`` as a torch tensor (see :func:`qkv.backends.torch._tensors.as_tensor`)."""
+    return as_tensor(x)
 
 
 def to_numpy(x: Any) -> np.ndarray:
+    """A NumPy copy of tensor ``x`` (detached, moved to the CPU)."""
     return x.detach().cpu().numpy()
