@@ -6,6 +6,7 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check
 # The CPU build of torch lies on local disk; install it before anything that depends on torch,
 # so that no multi-GB CUDA build is downloaded.
 TORCH  := torch==2.13.0
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: tour test lint docs serve bench gpu-check clean
 
