@@ -1,7 +1,25 @@
 """The CuPy backend: CUDA C kernels in ``kernels/*.cu``, compiled by NVRTC at first use.
 
 NumPy input is copied to the current GPU and the result copied back; CuPy input stays on its
-device. Needs an NVIDIA GPU and the ``cupy-cuda13x`` package.
+device. Needs an NVIDIA GPU of compute capability 8.0 or newer and the ``cupy-cuda13x`` package;
+``cupy`` is imported only when an op runs, so importing this module works anywhere.
+
+Ops:
+
+* ``sdpa`` and ``flash`` run one fused flash-attention forward kernel (``flash_fwd.cu``): fp16
+  on tensor cores (``mma.sync``, fp32 accumulation, probabilities rounded to fp16 for the
+  ``P V`` product as in FlashAttention), fp32 on CUDA cores in exact fp32. Grouped heads,
+  bottom-right causal alignment, boolean or additive masks (with broadcasting), any ``N`` and
+  ``M``, head dims up to 256 (``Dv`` may differ from ``D``); short query sets split the keys
+  across blocks (flash-decoding) and merge the parts. No ``N x M`` array is formed.
+* ``rope`` runs ``rope.cu`` for float16, float32 and float64.
+
+Declined inputs (the dispatcher runs the reference instead, with a ``FallbackWarning``):
+float64 and bfloat16 attention, ``return_weights=True`` (the fused kernel never forms the
+weights), head dims over 256, GPUs older than sm_80.
+
+Status: the kernels compile with ``nvcc -arch=sm_90`` and NVRTC but have not yet run on a GPU;
+``make gpu-check`` runs their tests and benchmarks where a GPU is lent.
 """
 
 from __future__ import annotations
@@ -9,6 +27,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from qkv import _arrays
+from qkv.backends.cupy import _launch
+from qkv.errors import Unsupported
 
 NAME = "cupy"
 
@@ -34,6 +56,12 @@ def available() -> tuple[bool, str]:
 
 
 def asarray(x: Any) -> Any:
+    """``x`` as a CuPy array on the current device (CuPy arrays pass through unchanged).
+
+    CuPy has no bfloat16 dtype, so a bfloat16 torch tensor is declined (``Unsupported``).
+    """
+    if _arrays.dtype_name(x) == "bfloat16":
+        raise Unsupported("bfloat16: CuPy has no bfloat16 dtype")
     import cupy
 
     return cupy.asarray(x)
@@ -43,3 +71,83 @@ def to_numpy(x: Any) -> np.ndarray:
     import cupy
 
     return cupy.asnumpy(x)
+
+
+def _attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    mask: Any,
+    causal: bool,
+    scale: float | None,
+    return_weights: bool,
+    return_lse: bool,
+) -> Any:
+    if return_weights:
+        raise Unsupported(
+            "return_weights=True: the fused kernel never forms the N x M weights; "
+            "the reference computes them"
+        )
+    out, lse = _launch.flash_forward(q, k, v, mask=mask, causal=causal, scale=scale)
+    return (out, lse) if return_lse else out
+
+
+def sdpa(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    mask: Any = None,
+    causal: bool = False,
+    scale: float | None = None,
+    return_weights: bool = False,
+    return_lse: bool = False,
+) -> Any:
+    """Scaled dot-product attention on the GPU; the reference's semantics (see ``qkv.sdpa``).
+
+    ``q (B, H, N, D)``, ``k (B, Hkv, M, D)``, ``v (B, Hkv, M, Dv)`` as CuPy arrays, float16 or
+    float32. Returns ``O (B, H, N, Dv)`` in the input dtype, or ``(O, lse)`` with
+    ``return_lse`` (``lse (B, H, N)`` float32; ``-inf`` and zero output for fully masked rows).
+    Runs the same fused kernel as :func:`flash`: the result is the same maths, computed tile by
+    tile.
+    """
+    return _attention(q, k, v, mask, causal, scale, return_weights, return_lse)
+
+
+def flash(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    mask: Any = None,
+    causal: bool = False,
+    scale: float | None = None,
+    return_weights: bool = False,
+    return_lse: bool = False,
+    block_q: int = 64,
+    block_k: int = 64,
+) -> Any:
+    """Flash attention on the GPU; arguments and results as :func:`sdpa`.
+
+    ``block_q`` and ``block_k`` shape the reference's tiling only: the kernel chooses its own
+    tiles per head dim (64 queries x 64 keys, or 32 keys for heads wider than 128, on fp16; see
+    ``_launch.tile_config``), which changes rounding, never the maths.
+    """
+    return _attention(q, k, v, mask, causal, scale, return_weights, return_lse)
+
+
+def rope(
+    x: Any,
+    *,
+    positions: Any = None,
+    offset: int = 0,
+    base: float = 10000.0,
+    pairing: str = "adjacent",
+) -> Any:
+    """Rotary position embedding on the GPU; the reference's semantics (see ``qkv.rope``).
+
+    ``x (B, H, N, D)`` float16, float32 or float64; ``positions`` integer ``(N,)`` or
+    ``(B, N)``. Angles, cosines and sines in float64, the rotation in float32 (float64 for
+    float64 input), as the reference does; returns ``(B, H, N, D)`` in the dtype of ``x``.
+    """
+    return _launch.rope_forward(x, positions=positions, offset=offset, base=base, pairing=pairing)
