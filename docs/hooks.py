@@ -352,7 +352,7 @@ def benchmarks_page() -> tuple[str, list[Path]]:
     body = re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", local, body)
     shown = [p for p in figures if f"]({p.name})" in body]
     extra = [f"![{p.stem}]({p.name})" for p in figures if p not in shown]
-    return "\n".join(head) + body + ("\n\n" + "\n\n".join(extra) if extra else "") + "\n", figures
+    return "\n".join(head) + "\n" + body + ("\n\n" + "\n\n".join(extra) if extra else "") + "\n", figures
 
 
 def on_files(files: Files, config) -> Files:

@@ -146,11 +146,14 @@ def bench(
     out: Annotated[Path, typer.Option(help="Where the JSON results go.")] = Path(
         "benchmarks/results/cpu.json"
     ),
+    backends: Annotated[
+        list[str] | None, typer.Option("--backend", help="Only this backend (repeatable).")
+    ] = None,
 ) -> None:
     """Time each backend against the NumPy reference and torch SDPA, in one run."""
     from qkv.bench import run
 
-    result = run(quick=quick, out=out, progress=True)
+    result = run(quick=quick, out=out, progress=True, backends=backends)
     console.print(result.table())
 
 
