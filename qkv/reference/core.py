@@ -67,7 +67,7 @@ def _tile_scores(
     ``q (B, Hkv, G, n, D)``, ``k (B, Hkv, m, D)``, ``mask`` broadcast to ``(B, H, N, M)``.
     Returns ``(B, Hkv, G, n, m)``.
     """
-    s = scale * np.einsum("bhgnd,bhmd->bhgnm", q, k)  # (B, Hkv, G, n, m)
+    s = scale * (q @ k[:, :, None].swapaxes(-1, -2))  # (B, Hkv, G, n, D) @ (B, Hkv, 1, D, m)
     B, Hkv, G, n, m = s.shape
     if mask is not None:
         tile = mask[:, :, rows, cols].reshape(B, Hkv, G, n, m)  # (B, Hkv, G, n, m)
@@ -154,7 +154,7 @@ def sdpa(
     p = np.exp(s - np.where(np.isneginf(row_max), 0.0, row_max))  # (B, Hkv, G, N, M)
     row_sum = p.sum(axis=-1, keepdims=True)  # (B, Hkv, G, N, 1)
     weights = p / np.where(row_sum > 0, row_sum, 1.0)  # (B, Hkv, G, N, M)
-    out = np.einsum("bhgnm,bhmd->bhgnd", weights, v)  # (B, Hkv, G, N, Dv)
+    out = weights @ v[:, :, None]  # (B, Hkv, G, N, M) @ (B, Hkv, 1, M, Dv) = (B, Hkv, G, N, Dv)
     with np.errstate(divide="ignore"):
         lse = (np.log(row_sum) + row_max)[..., 0]  # (B, Hkv, G, N)
     return _results(
@@ -227,7 +227,7 @@ def flash(
             alpha = np.exp(m_i - shift)  # (B, Hkv, G, n, 1); exp(-inf) = 0 on the first visit
             p = np.exp(s - shift)  # (B, Hkv, G, n, m)
             l_i = alpha * l_i + p.sum(axis=-1, keepdims=True)
-            acc = alpha * acc + np.einsum("bhgnm,bhmd->bhgnd", p, v[:, :, cols])
+            acc = alpha * acc + p @ v[:, :, None, cols]  # (B, Hkv, G, n, Dv)
             m_i = m_new
         out[:, :, :, rows] = acc / np.where(l_i > 0, l_i, 1.0)
         with np.errstate(divide="ignore"):
