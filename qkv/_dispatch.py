@@ -140,11 +140,17 @@ def use_backend(backend: str | ModuleType) -> Iterator[ModuleType]:
         _context.reset(token)
 
 
+def implementation(module: ModuleType, name: str) -> Callable[..., Any] | None:
+    """The function ``module`` implements op ``name`` with, or ``None`` (no fallback here)."""
+    if module.NAME == "reference":
+        return OPS.get(name)
+    fn = getattr(module, name, None)
+    return fn if callable(fn) else None
+
+
 def provides(module: ModuleType, name: str) -> bool:
     """Whether ``module`` implements op ``name`` itself (the reference provides every op)."""
-    if module.NAME == "reference":
-        return name in OPS
-    return callable(getattr(module, name, None))
+    return implementation(module, name) is not None
 
 
 def reset_warnings() -> None:
@@ -189,7 +195,7 @@ def call(name: str, args: tuple, kwargs: dict, backend: str | ModuleType | None)
     module = resolve(backend)
     like = next((a for a in (*args, *kwargs.values()) if _arrays.is_array(a)), None)
     reference = importlib.import_module(BUILTIN["reference"])
-    fn = OPS[name] if module.NAME == "reference" else getattr(module, name, None)
+    fn = implementation(module, name)
     if fn is None:
         _fallback(module, name, f"does not implement op {name!r}")
     else:

@@ -117,12 +117,24 @@ def check(
         list[str] | None, typer.Option("--op", help="Only this op (repeatable).")
     ] = None,
     max_examples: Annotated[int, typer.Option(help="Hypothesis examples per op.")] = 50,
+    dtypes: Annotated[
+        list[str] | None,
+        typer.Option("--dtype", help="Only this input dtype (repeatable; default fp32/fp16/bf16)."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Draw the same examples on every run.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Run the conformance suite on a backend: every op it provides against the reference."""
     from qkv.testing import check_backend
 
-    report = check_backend(backend, ops=ops, max_examples=max_examples, progress=True)
-    console.print(report.table())
+    options = {"dtypes": tuple(dtypes)} if dtypes else {}
+    report = check_backend(
+        backend, ops=ops, max_examples=max_examples, seed=seed, progress=not as_json, **options
+    )
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        console.print(report.table())
     raise typer.Exit(0 if report.ok else 1)
 
 

@@ -78,6 +78,8 @@ def _fused(
     is_causal = causal and N == M and mask is None  # top-left equals bottom-right here
     if (causal and not is_causal) or mask is not None:
         keep = causal_allowed(N, M, q.device) if causal else None  # (N, M) or None
+        if mask is not None and mask.ndim < 2:  # torch wants an (N, M) tail: (M,) -> (1, M)
+            mask = mask.reshape(1, *mask.shape)
         if mask is None:
             attn_mask = keep
         elif mask.dtype == torch.bool:
