@@ -129,3 +129,15 @@ def test_nan_input_reaches_only_the_documented_rows(backend):
         out = qkv.flash(q, k, v, backend=backend)
     nan_rows = np.isnan(out).any(-1)
     assert nan_rows[0, 2, 1] and nan_rows.sum() == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(6,), (1, 6), (5, 1), (4, 1, 1)])
+def test_every_broadcastable_mask_shape_is_accepted(backend, shape):
+    q, k, v = good()
+    mask = np.random.default_rng(1).random(shape) > 0.3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qkv.FallbackWarning)
+        out = qkv.sdpa(q, k, v, mask=mask, backend=backend)
+    want = qkv.sdpa(*(a.astype(np.float64) for a in (q, k, v)), mask=mask)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
