@@ -1,7 +1,12 @@
 """The Numba backend: compiled CPU kernels (``@njit``, ``parallel=True`` where it pays).
 
 Takes and returns NumPy arrays; torch tensors and CuPy arrays are copied in and out by the
-dispatcher. Kernels compile on first use and are cached on disk.
+dispatcher. Kernels compile on first use and are cached on disk. Numba itself is imported only
+when an op runs, so this module imports (and reports itself unavailable) without it.
+
+Ops: ``sdpa`` and ``flash`` (one tiled online-softmax kernel, see
+:mod:`qkv.backends.numba._attention`) and ``rope``. They compute float32 and float64 natively;
+other dtypes raise :class:`qkv.errors.Unsupported`, so the dispatcher runs the reference.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from qkv import _arrays
+from qkv.errors import Unsupported
 
 NAME = "numba"
 
@@ -20,6 +26,13 @@ def available() -> tuple[bool, str]:
         import numba  # noqa: F401
     except ImportError:
         return False, "the numba package is not installed; fix: pip install 'qkv[numba]'"
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401
+    except ImportError:
+        return False, (
+            "scipy is not installed (Numba's np.dot calls SciPy's BLAS); "
+            "fix: pip install 'qkv[numba]'"
+        )
     return True, "numba is installed"
 
 
@@ -29,3 +42,89 @@ def asarray(x: Any) -> np.ndarray:
 
 def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
+
+
+def _native(q: np.ndarray) -> None:
+    if q.dtype not in (np.float32, np.float64):
+        raise Unsupported(f"dtype {q.dtype}: the numba kernels compute float32 and float64")
+
+
+def sdpa(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    *,
+    mask: np.ndarray | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    return_weights: bool = False,
+    return_lse: bool = False,
+) -> np.ndarray | tuple[np.ndarray, ...]:
+    """Scaled dot-product attention; same arguments and results as :func:`qkv.reference.core.sdpa`.
+
+    ``q (B, H, N, D)``, ``k (B, Hkv, M, D)``, ``v (B, Hkv, M, Dv)``. Runs the tiled
+    online-softmax kernel of :func:`flash`: no ``N x M`` array is made unless
+    ``return_weights`` asks for one.
+    """
+    _native(q)
+    from qkv.backends.numba import _attention
+
+    return _attention.attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        causal=causal,
+        scale=scale,
+        return_weights=return_weights,
+        return_lse=return_lse,
+    )
+
+
+def flash(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    *,
+    mask: np.ndarray | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    return_weights: bool = False,
+    return_lse: bool = False,
+    block_q: int = 64,
+    block_k: int = 64,
+) -> np.ndarray | tuple[np.ndarray, ...]:
+    """Tiled online-softmax attention; same arguments and results as :func:`qkv.reference.core.flash`.
+
+    ``q (B, H, N, D)``, ``k (B, Hkv, M, D)``, ``v (B, Hkv, M, Dv)``. ``block_q`` and
+    ``block_k`` are accepted for compatibility and not used: the kernel's tiles
+    (``_attention.BQ x _attention.BK``) were chosen by measurement for its BLAS tile products.
+    """
+    return sdpa(
+        q,
+        k,
+        v,
+        mask=mask,
+        causal=causal,
+        scale=scale,
+        return_weights=return_weights,
+        return_lse=return_lse,
+    )
+
+
+def rope(
+    x: np.ndarray,
+    *,
+    positions: np.ndarray | None = None,
+    offset: int = 0,
+    base: float = 10000.0,
+    pairing: str = "adjacent",
+) -> np.ndarray:
+    """Rotary position embedding; same arguments and result as :func:`qkv.reference.core.rope`.
+
+    ``x (B, H, N, D)``; ``positions`` integers ``(N,)`` or ``(B, N)``.
+    """
+    _native(x)
+    from qkv.backends.numba import _rope
+
+    return _rope.rope(x, positions=positions, offset=offset, base=base, pairing=pairing)
