@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from qkv import _dispatch, catalog
@@ -181,7 +182,14 @@ def capture_minilm(
 
 
 def main() -> None:
-    app()
+    """Entry point: a backend or input problem ends with its message, not a traceback."""
+    from qkv.errors import BackendUnavailable, UnknownBackend
+
+    try:
+        app()
+    except (BackendUnavailable, UnknownBackend) as exc:
+        console.print(f"[bold red]{type(exc).__name__}:[/] {escape(str(exc))}")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -210,7 +210,9 @@ class TourResult:
         lines += [f"skipped {name}: {reason}" for name, reason in self.skipped.items()]
         if self.untoured:
             lines.append(f"no tour case yet: {', '.join(self.untoured)}")
-        return "\n".join(line for line in lines if line)
+        from rich.markup import escape  # reasons hold text like "pip install 'qkv[cupy]'"
+
+        return "\n".join(escape(line) for line in lines if line)
 
 
 def _number(value: float | None, fmt: str) -> str:

@@ -150,6 +150,7 @@ class Report:
 
     def table(self) -> Any:
         """A ``rich`` table of the rows, with the verdict as its caption."""
+        from rich.markup import escape
         from rich.table import Table
 
         problems = self.problems()
@@ -175,7 +176,7 @@ class Report:
                 str(r.examples),
                 str(r.declined),
                 f"{r.seconds:.1f}s",
-                r.detail,
+                escape(r.detail),
             )
         return table
 
