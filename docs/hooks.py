@@ -35,6 +35,18 @@ RESULTS = ROOT / "benchmarks" / "results"
 API = (
     ("qkv", "qkv", {"force_inspection": True, "show_source": False, "filters": "public"}),
     ("qkv.reference.core", "qkv.reference.core", {}),
+    *(
+        (f"qkv.reference.forms.{name}", f"qkv.reference.forms.{name}", {})
+        for name in (
+            "sigmoid_attention",
+            "selective_attention",
+            "agent_attention",
+            "gaussian_attention",
+            "tensor_attention",
+            "ffnified_mixer",
+            "icl_attention",
+        )
+    ),
     ("qkv.errors", "qkv.errors", {"show_source": False}),
     ("qkv.catalog", "qkv.catalog", {}),
     ("qkv.testing", "qkv.testing", {}),
@@ -352,7 +364,9 @@ def benchmarks_page() -> tuple[str, list[Path]]:
     body = re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", local, body)
     shown = [p for p in figures if f"]({p.name})" in body]
     extra = [f"![{p.stem}]({p.name})" for p in figures if p not in shown]
-    return "\n".join(head) + "\n" + body + ("\n\n" + "\n\n".join(extra) if extra else "") + "\n", figures
+    return "\n".join(head) + "\n" + body + (
+        "\n\n" + "\n\n".join(extra) if extra else ""
+    ) + "\n", figures
 
 
 def on_files(files: Files, config) -> Files:

@@ -19,6 +19,10 @@ from qkv.errors import (
     UnknownBackend,
 )
 from qkv.reference import core as _core
+from qkv.reference import forms as _forms
+from qkv.reference.forms import agent_attention as _agent_attention
+from qkv.reference.forms import gaussian_attention as _gaussian
+from qkv.reference.forms import selective_attention as _selective_attention
 
 __version__ = "0.1.0"
 
@@ -29,6 +33,15 @@ rope = op(_core.rope, check=_checks.rope_call)
 alibi = _core.alibi  # a bias generator (no array input), not dispatched
 alibi_slopes = _core.alibi_slopes
 
+# forms: other score functions
+sigmoid = op(_forms.sigmoid, check=_checks.sigmoid_call)
+gaussian = op(_gaussian.gaussian, check=_gaussian.check_gaussian)
+tensor = op(_forms.tensor, check=_checks.tensor_call)
+tensor_approx = op(_forms.tensor_approx, check=_checks.tensor_approx_call)
+# forms built from sdpa calls: their hops run on the chosen backend's sdpa
+agent = _agent_attention.dispatched_agent
+selective = _selective_attention.dispatched_selective
+
 __all__ = [
     "BackendUnavailable",
     "DTypeError",
@@ -37,12 +50,18 @@ __all__ = [
     "ParameterError",
     "ShapeError",
     "UnknownBackend",
+    "agent",
     "alibi",
     "alibi_slopes",
     "current_backend",
     "flash",
+    "gaussian",
     "known_backends",
     "rope",
     "sdpa",
+    "selective",
+    "sigmoid",
+    "tensor",
+    "tensor_approx",
     "use_backend",
 ]

@@ -158,3 +158,102 @@ def rope_call(
             )
     elif isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):
         raise ParameterError(f"offset: expected an integer, got {offset!r}")
+
+
+def sigmoid_call(
+    q: Any, k: Any, v: Any, *, bias: Any = None, alibi: bool = False, **kw: Any
+) -> AttentionDims:
+    """Arguments of ``sigmoid``: those of ``sdpa`` plus a finite scalar ``bias`` (or ``None``)
+    and a bool ``alibi``."""
+    dims = attention(q, k, v, **kw)
+    if bias is not None and (
+        isinstance(bias, (bool, np.bool_))
+        or not isinstance(bias, (int, float, np.integer, np.floating))
+        or not math.isfinite(bias)
+    ):
+        raise ParameterError(f"bias: expected a finite real number or None, got {bias!r}")
+    if not isinstance(alibi, (bool, np.bool_)):
+        raise ParameterError(f"alibi: expected a bool, got {alibi!r}")
+    return dims
+
+
+#: Degrees ``tensor_approx`` accepts: even, so that the Taylor polynomial of ``exp`` is positive
+#: on the whole real line (odd ones go negative and the normaliser could vanish).
+TENSOR_DEGREES = (2, 4, 6, 8, 10, 12)
+#: Most polynomial features ``C(D + degree, degree)`` ``tensor_approx`` builds per head.
+TENSOR_MAX_FEATURES = 2**18
+
+
+def tensor_call(
+    q: Any, k1: Any, k2: Any, v1: Any, v2: Any, *, scale: float = 1.0, **_: Any
+) -> AttentionDims:
+    """Check the arguments of triple-wise (Kronecker) attention and return its sizes.
+
+    ``q (B, H, N, D)``, ``k1`` and ``k2`` both ``(B, Hkv, M, D)``, ``v1`` and ``v2`` both
+    ``(B, Hkv, M, Dv)``, one floating dtype, ``H % Hkv == 0``, ``scale`` finite and > 0.
+    ``Dv`` is the value head dim of the result; ``M`` counts the keys of *each* factor (the
+    pairs number ``M**2``).
+    """
+    array("q", q, rank=4, layout="(B, H, N, D)")
+    for name, x, layout in (
+        ("k1", k1, "(B, Hkv, M, D)"),
+        ("k2", k2, "(B, Hkv, M, D)"),
+        ("v1", v1, "(B, Hkv, M, Dv)"),
+        ("v2", v2, "(B, Hkv, M, Dv)"),
+    ):
+        array(name, x, rank=4, layout=layout)
+    same_dtype(q=q, k1=k1, k2=k2, v1=v1, v2=v2)
+    B, H, N, D = q.shape
+    Bk, Hkv, M, Dk = k1.shape
+    if tuple(k2.shape) != tuple(k1.shape):
+        raise ShapeError(f"k2: expected the shape of k1 {tuple(k1.shape)}, got {tuple(k2.shape)}")
+    if tuple(v2.shape) != tuple(v1.shape):
+        raise ShapeError(f"v2: expected the shape of v1 {tuple(v1.shape)}, got {tuple(v2.shape)}")
+    Bv, Hv, Mv, Dv = v1.shape
+    if Bk != B or Bv != B:
+        raise ShapeError(f"k1, v1: expected batch B={B} as q, got k1 {Bk} and v1 {Bv}")
+    if Dk != D:
+        raise ShapeError(f"k1: expected head dim D={D} as q, got {Dk} (k1 shape {tuple(k1.shape)})")
+    if Hv != Hkv:
+        raise ShapeError(f"v1: expected Hkv={Hkv} heads as k1, got {Hv}")
+    if Mv != M:
+        raise ShapeError(f"v1: expected M={M} tokens as k1, got {Mv}")
+    if H % Hkv:
+        raise ShapeError(
+            f"q, k1: expected query heads H divisible by KV heads Hkv, got H={H}, Hkv={Hkv}"
+        )
+    if not (
+        isinstance(scale, (int, float, np.integer, np.floating))
+        and not isinstance(scale, bool)
+        and math.isfinite(scale)
+        and scale > 0
+    ):
+        raise ParameterError(f"scale: expected a finite number > 0, got {scale!r}")
+    return AttentionDims(B, H, Hkv, N, M, D, Dv)
+
+
+def tensor_approx_call(
+    q: Any, k1: Any, k2: Any, v1: Any, v2: Any, *, degree: int = 4, **kw: Any
+) -> AttentionDims:
+    """Arguments of ``tensor_approx``: those of ``tensor`` and a supported ``degree``.
+
+    ``degree`` must be one of :data:`TENSOR_DEGREES` and the number of monomials of total
+    degree at most ``degree`` in ``D`` variables, ``C(D + degree, degree)``, at most
+    :data:`TENSOR_MAX_FEATURES`.
+    """
+    dims = tensor_call(q, k1, k2, v1, v2, **kw)
+    if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)):
+        raise ParameterError(f"degree: expected an even integer, got {degree!r}")
+    if degree not in TENSOR_DEGREES:
+        raise ParameterError(
+            f"degree: expected one of {TENSOR_DEGREES} (an odd Taylor polynomial of exp takes "
+            f"negative values, so its normaliser could vanish), got {degree!r}"
+        )
+    features = math.comb(dims.D + int(degree), int(degree))
+    if features > TENSOR_MAX_FEATURES:
+        raise ParameterError(
+            f"degree: degree {degree} at head dim D={dims.D} needs C({dims.D + degree}, {degree})"
+            f" = {features} polynomial features per head, more than {TENSOR_MAX_FEATURES}; "
+            "lower the degree or compute exactly with tensor()"
+        )
+    return dims

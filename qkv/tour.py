@@ -27,6 +27,8 @@ import qkv
 from qkv import _dispatch, catalog
 from qkv.errors import FallbackWarning
 from qkv.lab.minilm import MiniLMCapture, load
+from qkv.reference import core
+from qkv.reference.forms import agent_attention, selective_attention
 
 TOUR_RTOL_FP32 = 1e-4
 """Largest relative error a float32 run may show in the tour, norm-wise and elementwise.
@@ -123,6 +125,63 @@ def _alibi(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
     """Causal attention with ALiBi's biases (the paper's decoder form) as the additive mask."""
     bias = qkv.alibi(data.n_heads, data.n_tokens, data.n_tokens, dtype=dtype)  # (H, N, N)
     return _qkv(data, dtype), {"mask": bias, "causal": True}
+
+
+@tour_case("sigmoid", "full")
+def _sigmoid(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """Sigmoid attention with the default bias -log N on the encoder's scores."""
+    return _qkv(data, dtype), {}
+
+
+@tour_case("sigmoid", "alibi")
+def _sigmoid_causal_alibi(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """Causal sigmoid attention with ALiBi biases, FlashSigmoid's decoder setting."""
+    return _qkv(data, dtype), {"causal": True, "alibi": True}
+
+
+@tour_case("agent", "hop 1", op="sdpa")
+def _agent_aggregate(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """Hop 1 of agent attention: 16 agents pooled from the queries read every key and value."""
+    q, k, v = _qkv(data, dtype)
+    return (agent_attention.agent_tokens(q, 16).astype(dtype), k, v), {}
+
+
+@tour_case("agent", "hop 2", op="sdpa")
+def _agent_broadcast(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """Hop 2 of agent attention: every query reads the 16 agents' aggregates."""
+    q, k, v = _qkv(data, dtype)
+    agents = agent_attention.agent_tokens(q, 16).astype(dtype)  # (6, 12, 16, 32)
+    return (q, agents, core.sdpa(agents, k, v)), {}
+
+
+@tour_case("selective", "beta 0", op="sdpa")
+def _selective(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """Selective attention's position temperature as one causal sdpa on tempered queries."""
+    q, k, v = _qkv(data, dtype)
+    t = selective_attention.position_temperature(np.arange(1, data.n_tokens + 1), 0.0)  # (N,)
+    return (q * t[:, None].astype(dtype), k, v), {"causal": True}
+
+
+@tour_case("gaussian", "values")
+def _gaussian(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """GAAM along the head features of the captured values: 4 heads of 3 Gaussians."""
+    offsets = np.repeat(np.array([[0.0], [1.0], [-1.0], [2.0]]), 3, axis=1).astype(dtype)
+    scales = np.full((4, 3), 1.5, dtype=dtype)
+    return (data.v.astype(dtype), offsets, scales), {"axis": -1}
+
+
+@tour_case("tensor", "64 tokens")
+def _tensor(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """Triple-wise attention over the first 64 tokens of layer 0: key pairs from the captured
+    keys (K1 = K2), value pairs from the captured values (V1 = V2); queries and keys normalised
+    to unit length, so every score lies within +-1 before ``scale``."""
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        x = x[:1, :, :64].astype(np.float64)  # (1, 12, 64, 32)
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(dtype)
+
+    q, k, v = unit(data.q), unit(data.k), data.v[:1, :, :64].astype(dtype)
+    return (q, k, k, v, v), {"scale": 8.0}
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,13 @@ def test_a_wrong_a_failing_and_a_declining_backend(small: None) -> None:
         ("flash", "causal"): "error",
         ("rope", "queries"): "fallback",  # not implemented
         ("alibi", "as mask"): "fallback",  # declined: a mask
+        ("sigmoid", "full"): "fallback",  # not implemented
+        ("sigmoid", "alibi"): "fallback",
+        ("agent", "hop 1"): "mismatch",  # the hops are sdpa calls
+        ("agent", "hop 2"): "mismatch",
+        ("selective", "beta 0"): "mismatch",
+        ("gaussian", "values"): "fallback",  # not implemented
+        ("tensor", "64 tokens"): "fallback",
     }
     assert all(r.status == "ok" for r in result.rows if r.backend == "reference")
     text = render(result)

@@ -185,3 +185,6 @@ register(
         same_precision=precision.rope,
     ),
 )
+
+# The families' ops register their specs when their modules are imported.
+from qkv.testing import ops_gaussian, ops_sigmoid, ops_tensor  # noqa: E402, F401

@@ -136,6 +136,40 @@ def flash(
     return _attention(q, k, v, mask, causal, scale, return_weights, return_lse)
 
 
+def sigmoid(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    mask: Any = None,
+    causal: bool = False,
+    scale: float | None = None,
+    bias: float | None = None,
+    alibi: bool = False,
+    return_weights: bool = False,
+) -> Any:
+    """Sigmoid attention on the GPU (``sigmoid_fwd.cu``); the reference's semantics (see
+    :func:`qkv.reference.forms.sigmoid_attention.sigmoid`).
+
+    ``q (B, H, N, D)``, ``k (B, Hkv, M, D)``, ``v (B, Hkv, M, Dv)`` as CuPy arrays, float16 or
+    float32; returns ``O (B, H, N, Dv)`` in the input dtype. One fused, tiled kernel on CUDA
+    cores in fp32 (masks, causal, ALiBi, grouped heads); no ``N x M`` array. Declines (reference
+    fallback) ``return_weights=True``, float64, head dims over 256. Compiled, not yet run on a
+    GPU.
+    """
+    if return_weights:
+        raise Unsupported(
+            "return_weights=True: the fused kernel never forms the N x M weights; "
+            "the reference computes them"
+        )
+    from qkv.reference.forms.sigmoid_attention import default_bias
+
+    b = default_bias(k.shape[2]) if bias is None else float(bias)
+    return _launch.sigmoid_forward(
+        q, k, v, mask=mask, causal=causal, scale=scale, bias=b, alibi=alibi
+    )
+
+
 def rope(
     x: Any,
     *,

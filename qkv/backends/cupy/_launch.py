@@ -437,3 +437,133 @@ def rope_forward(x: Any, *, positions: Any | None, offset: int, base: float, pai
         blocks = min(-(-(B * H * N * (D // 2)) // ROPE_THREADS), 2**20)
         kernel((blocks, 1, 1), (ROPE_THREADS, 1, 1), args)
     return out
+
+
+# --------------------------------------------------------------------------- sigmoid attention
+
+
+@dataclass(frozen=True)
+class SigmoidPlan:
+    """How one sigmoid-attention call is launched (``sigmoid_fwd.cu``).
+
+    ``grid = (n_qtiles, H, B)`` blocks of ``THREADS`` threads with ``smem`` bytes of dynamic
+    shared memory; block ``x`` handles query tile ``n_qtiles - 1 - x`` against all the keys it
+    may see. The tiles are the fp32 (SIMT) tiles of :func:`tile_config`, for fp16 inputs too.
+    """
+
+    kernel: str
+    config: TileConfig
+    block_q: int
+    smem: int
+    grid: tuple[int, int, int]
+
+
+def plan_sigmoid(dims: _checks.AttentionDims, element: str, *, smem_limit: int) -> SigmoidPlan:
+    """Tiles and grid for ``qkv_sigmoid_fwd_<element>``; ``Unsupported`` for head dims over 256,
+    tiles beyond the device's shared memory or sizes beyond the grid's limits."""
+    B, H, _, N, M, D, Dv = dims
+    config = tile_config(D, Dv)
+    if config.simt_smem > smem_limit:
+        raise Unsupported(
+            f"the sigmoid kernel for D={D}, Dv={Dv} needs {config.simt_smem} bytes of shared "
+            f"memory per block and this GPU allows {smem_limit}"
+        )
+    n_qtiles = -(-N // config.simt_block_q)
+    if H > 65535 or B > 65535 or max(N, M) >= 2**31 - config.simt_block_k:
+        raise Unsupported(f"sizes beyond the CUDA grid's limits (B={B}, H={H}, N={N}, M={M})")
+    return SigmoidPlan(
+        kernel=f"qkv_sigmoid_fwd_{element}",
+        config=config,
+        block_q=config.simt_block_q,
+        smem=config.simt_smem,
+        grid=(n_qtiles, H, B),
+    )
+
+
+def sigmoid_arguments(
+    dims: _checks.AttentionDims,
+    q: Any,
+    k: Any,
+    v: Any,
+    mask_bias: Any | None,
+    slopes: Any | None,
+    out: Any,
+    *,
+    scale: float,
+    bias: float,
+    causal: bool,
+) -> tuple:
+    """The sigmoid kernel's arguments, in the order and C types of ``QKV_SIGMOID_PARAMS``.
+
+    ``mask_bias`` is the rank-4 float32 additive mask of :func:`additive_bias` (or ``None``),
+    ``slopes`` the float32 ALiBi slopes ``(H,)`` (or ``None``); ``None`` becomes a null pointer.
+    """
+    B, H, Hkv, N, M, D, Dv = dims
+    qs, ks, vs = element_strides(q)[:3], element_strides(k)[:3], element_strides(v)[:3]
+    ms = bias_strides(mask_bias) if mask_bias is not None else (0, 0, 0, 0)
+    return (
+        q,
+        k,
+        v,
+        NULL if mask_bias is None else mask_bias,
+        NULL if slopes is None else slopes,
+        out,
+        *(np.int32(n) for n in (B, H, Hkv, N, M, D, Dv)),
+        *(np.int64(s) for s in (*qs, *ks, *vs, *ms)),
+        np.float32(scale),
+        np.float32(bias),
+        np.int32(causal),
+    )
+
+
+def sigmoid_forward(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    mask: Any,
+    causal: bool,
+    scale: float | None,
+    bias: float,
+    alibi: bool,
+) -> Any:
+    """Run the sigmoid kernel on CuPy arrays; returns ``out (B, H, N, Dv)``.
+
+    ``bias`` is the scalar $b$ (already defaulted to $-\\log M$ by the caller). Raises
+    ``Unsupported`` (before any work) for dtypes other than float16 and float32, head dims over
+    256, GPUs older than sm_80 and sizes beyond the grid's limits.
+    """
+    from qkv.reference.core import alibi_slopes
+
+    element = FLASH_ELEMENTS.get(_arrays.dtype_name(q))
+    if element is None:
+        raise Unsupported(
+            f"dtype {_arrays.dtype_name(q)}: the CuPy sigmoid kernel takes float16 and float32"
+        )
+    dims = _checks.attention(q, k, v, mask=mask, causal=causal, scale=scale)
+    tile_config(dims.D, dims.Dv)  # head dims over 256: Unsupported before touching the GPU
+    import cupy
+
+    with q.device as device:
+        capability, _, smem_limit = _device_limits(device.id)
+        if capability < MIN_CAPABILITY:
+            raise Unsupported(f"compute capability {capability / 10:.1f}; the kernels need 8.0+")
+        plan = plan_sigmoid(dims, element, smem_limit=smem_limit)
+        q, k, v = (_last_axis_contiguous(x) for x in (q, k, v))
+        B, H, _, N, _, D, Dv = dims
+        out = _outputs.empty((B, H, N, Dv), like=q, dtype=q.dtype)
+        args = sigmoid_arguments(
+            dims,
+            q,
+            k,
+            v,
+            None if mask is None else additive_bias(mask, cupy),
+            cupy.asarray(alibi_slopes(H), dtype=np.float32) if alibi else None,
+            out,
+            scale=1.0 / math.sqrt(D) if scale is None else float(scale),
+            bias=bias,
+            causal=bool(causal),
+        )
+        kernel = _kernel(device.id, "sigmoid_fwd.cu", plan.config.defines(), plan.kernel, plan.smem)
+        kernel(plan.grid, (THREADS, 1, 1), args, shared_mem=plan.smem)
+    return out

@@ -5,7 +5,8 @@ dispatcher. Kernels compile on first use and are cached on disk. Numba itself is
 when an op runs, so this module imports (and reports itself unavailable) without it.
 
 Ops: ``sdpa`` and ``flash`` (one tiled online-softmax kernel, see
-:mod:`qkv.backends.numba._attention`) and ``rope``. They compute float32 and float64 natively;
+:mod:`qkv.backends.numba._attention`), ``sigmoid`` (the same tiled kernel with the logistic
+function in place of the softmax, see :mod:`qkv.backends.numba._sigmoid`) and ``rope``. They compute float32 and float64 natively;
 other dtypes raise :class:`qkv.errors.Unsupported`, so the dispatcher runs the reference.
 """
 
@@ -112,6 +113,40 @@ def flash(
     )
 
 
+def sigmoid(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    *,
+    mask: np.ndarray | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    bias: float | None = None,
+    alibi: bool = False,
+    return_weights: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Sigmoid attention; same arguments and results as
+    :func:`qkv.reference.forms.sigmoid_attention.sigmoid`.
+
+    ``q (B, H, N, D)``, ``k (B, Hkv, M, D)``, ``v (B, Hkv, M, Dv)``; a fused tiled kernel, no
+    ``N x M`` array unless ``return_weights``.
+    """
+    _native(q)
+    from qkv.backends.numba import _sigmoid
+
+    return _sigmoid.sigmoid(
+        q,
+        k,
+        v,
+        mask=mask,
+        causal=causal,
+        scale=scale,
+        bias=bias,
+        alibi=alibi,
+        return_weights=return_weights,
+    )
+
+
 def rope(
     x: np.ndarray,
     *,
@@ -128,3 +163,59 @@ def rope(
     from qkv.backends.numba import _rope
 
     return _rope.rope(x, positions=positions, offset=offset, base=base, pairing=pairing)
+
+
+def gaussian(
+    x: np.ndarray,
+    offsets: np.ndarray,
+    scales: np.ndarray,
+    logits: np.ndarray | None = None,
+    *,
+    axis: int = -1,
+    mixture: str = "product",
+    eps: float = 1e-8,
+    return_weights: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Multi-head Gaussian adaptive attention; same arguments and results as
+    :func:`qkv.reference.forms.gaussian_attention.gaussian`.
+
+    ``x`` any shape with the normalisation axis ``axis``; ``offsets``, ``scales``, ``logits``
+    ``(H, G)``. One fused pass per row (see :mod:`qkv.backends.numba._gaussian`).
+    """
+    _native(x)
+    from qkv.backends.numba import _gaussian
+    from qkv.reference.forms.gaussian_attention import check_gaussian
+
+    axis = check_gaussian(x, offsets, scales, logits, axis=axis, mixture=mixture, eps=eps)
+    return _gaussian.gaussian(
+        x,
+        offsets,
+        scales,
+        logits,
+        axis=axis,
+        mixture=mixture,
+        eps=eps,
+        return_weights=return_weights,
+    )
+
+
+def tensor(
+    q: np.ndarray,
+    k1: np.ndarray,
+    k2: np.ndarray,
+    v1: np.ndarray,
+    v2: np.ndarray,
+    *,
+    scale: float = 1.0,
+) -> np.ndarray:
+    """Exact tensor (Kronecker) attention; same arguments and result as
+    :func:`qkv.reference.forms.tensor_attention.tensor`.
+
+    ``q (B, H, N, D)``; ``k1``, ``k2 (B, Hkv, M, D)``; ``v1``, ``v2 (B, Hkv, M, Dv)``. A streaming
+    online-softmax kernel (see :mod:`qkv.backends.numba._tensor`): ``O(N M^2 D)`` time, no
+    ``N x M^2`` array.
+    """
+    _native(q)
+    from qkv.backends.numba import _tensor
+
+    return _tensor.tensor(q, k1, k2, v1, v2, scale=scale)

@@ -31,6 +31,11 @@ the costliest first (under ``causal`` the last row tiles see the most keys).
 When there are fewer work items than threads (decoding: ``N = 1``), the keys are split as well
 and the partial results of the splits $s$ are merged by their log-sum-exp:
 $m = \max_s m_s$, $\ell = \sum_s e^{m_s - m}\ell_s$, $\tilde O = \sum_s e^{m_s - m}\tilde O_s$.
+
+The same kernels compute sigmoid attention (:class:`Form` with ``sigmoid=True``, see
+:mod:`qkv.backends.numba._sigmoid`): the softmax step becomes $P_j = \sigma(S_j + b)$ and the
+tiles' $P_j V_j$ are simply summed ($m = 0$ and $\ell = 1$ throughout; split parts are added).
+The scores may also carry ALiBi biases $-m_h |i + M - N - j|$, computed in the tile.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numba
@@ -143,14 +149,16 @@ def _row_max_overload(row, start):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _score_tile(s, mask, has_mask, causal, g, Hkv, G, N, M, r0, j0):
-    """Add the mask and the causal pattern to the scaled products ``s`` of one tile, in place.
+def _score_tile(s, mask, has_mask, slopes, has_alibi, causal, g, Hkv, G, N, M, r0, j0):
+    """Add the mask, ALiBi and the causal pattern to the scaled products ``s`` of one tile,
+    in place.
 
     ``s (n, m)`` holds ``(scale * Q) K^T``. Row ``r`` of the tile is stacked row ``r0 + r`` of
     KV head ``g`` (batch ``g // Hkv``): query head ``(g % Hkv) * G + (r0 + r) // N``, query
     ``i = (r0 + r) % N``. Column ``c`` is key ``j0 + c``. A ``-inf`` mask entry gives ``-inf``
     outright (a NaN product stays shielded), and so does a key above the causal diagonal,
-    ``j > i + M - N``. ``mask`` is 4-D with each axis of size 1 (broadcast) or full.
+    ``j > i + M - N``. ``mask`` is 4-D with each axis of size 1 (broadcast) or full. With
+    ``has_alibi``, ``-slopes[h] * |i + M - N - j|`` is added (``slopes (H,)``).
     """
     n, m = s.shape
     b = g // Hkv
@@ -159,6 +167,11 @@ def _score_tile(s, mask, has_mask, causal, g, Hkv, G, N, M, r0, j0):
     for r in range(n):
         row = r0 + r
         srow = s[r]
+        if has_alibi:
+            slope = slopes[h0 + row // N]
+            here = row % N + M - N - j0  # query position minus the tile's first key
+            for c in range(m):
+                srow[c] -= slope * abs(here - c)
         if has_mask:
             add = mask[b if sb > 1 else 0, h0 + row // N if sh > 1 else 0, row % N if sn > 1 else 0]
             for c in range(m):
@@ -168,6 +181,21 @@ def _score_tile(s, mask, has_mask, causal, g, Hkv, G, N, M, r0, j0):
         if causal:
             for c in range(max(row % N + M - N - j0 + 1, 0), m):
                 srow[c] = -np.inf
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _logistic_row(row, bias):
+    r"""``row[c] = sigmoid(row[c] + bias)`` in place, as $z/(1+z)$ or $1/(1+z)$ with
+    $z = e^{-|x|} \le 1$: no overflow, $\sigma(-\infty) = 0$ exactly, NaN stays NaN.
+
+    ``error_model="numpy"`` drops Python's zero-division check (the denominator is at least 1
+    anyway), without which the division keeps LLVM from vectorising the loop (10x slower).
+    """
+    one = row.dtype.type(1.0)
+    for c in range(row.shape[0]):
+        x = row[c] + bias
+        z = fast_exp(-abs(x))
+        row[c] = (one if x >= 0 else z) / (one + z)
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -220,25 +248,50 @@ def _finish_row(acc_row, l, causal, i, N, M, bad_v, out_row):
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def forward(
-    q, k, v, mask, has_mask, causal, scale, Hkv, N, M, bq, bk, bad_v, workers, out, m_out, l_out
+    q,
+    k,
+    v,
+    mask,
+    has_mask,
+    slopes,
+    has_alibi,
+    causal,
+    scale,
+    sigmoid,
+    bias,
+    Hkv,
+    N,
+    M,
+    bq,
+    bk,
+    bad_v,
+    workers,
+    out,
+    m_out,
+    l_out,
 ):
-    """Online-softmax attention forward over all ``(batch, KV head, row tile, key split)``.
+    r"""Attention forward over all ``(batch, KV head, row tile, key split)``: the online
+    softmax, or with ``sigmoid`` the unnormalised $\sum_j \sigma(s_{ij} + b) v_j$.
 
     Args:
         q: queries ``(B*H*N, D)``, C-contiguous (rows of ``(B, H, N, D)``).
         k: keys ``(B*Hkv*M, D)``; v: values ``(B*Hkv*M, Dv)``.
         mask: additive mask ``(b, h, n, m)``, each size 1 or full (broadcast against
             ``(B, H, N, M)``), read only when ``has_mask``; ``-inf`` masks.
+        slopes, has_alibi: ALiBi slopes ``(H,)``, added only when ``has_alibi``.
         causal: bottom-right causal alignment, key ``j`` visible to query ``i`` iff
             ``j <= i + M - N``; key tiles wholly above the diagonal are skipped.
         scale: multiplies ``Q`` (so that ``Q K^T`` comes out scaled).
+        sigmoid, bias: sigmoid attention with the scalar bias ``bias`` instead of the softmax;
+            each tile's weights are then simply summed ($m = 0$, $\ell = 1$ throughout).
         Hkv, N, M: KV heads, queries and keys per head; ``G = H / Hkv`` is read from the shapes.
         bq, bk: row and key tile sizes.
         bad_v: ``(B*Hkv, Dv)`` last key with a non-finite value per column, -1 if none
             (used with ``causal`` only, see ``_finish_row``).
         workers: parallel workers (one per thread), each with its own tile buffers.
         out: ``(S, B*H*N, Dv)``. With one split (``S = 1``) the normalised output; with several,
-            each split's unnormalised $\tilde O$ for :func:`combine`.
+            each split's unnormalised $\tilde O$ for :func:`combine` (:func:`sum_parts` for
+            ``sigmoid``).
         m_out, l_out: ``(S, B*H*N)`` running max and normaliser of each split.
     """
     nsplit = out.shape[0]
@@ -249,7 +302,7 @@ def forward(
     ntile = (R + bq - 1) // bq
     items = BHkv * ntile * nsplit
     split_keys = (((M + bk - 1) // bk + nsplit - 1) // nsplit) * bk
-    zero = q.dtype.type(0.0)
+    zero, one = q.dtype.type(0.0), q.dtype.type(1.0)
     for w in prange(workers):
         q_buf = np.empty((bq, D), q.dtype)
         s_buf = np.empty(bq * bk, q.dtype)
@@ -266,15 +319,25 @@ def forward(
             q_tile = _scaled_rows(q, g * R + r0, g * R + r1, scale, q_buf)  # (n, D)
             pv = pv_buf[:n]  # (n, Dv)
             acc[:n] = zero
-            m_run[:n] = -np.inf
-            l_run[:n] = zero
+            m_run[:n] = zero if sigmoid else -np.inf
+            l_run[:n] = one if sigmoid else zero
             key_end = min(_visible_keys(causal, r0, r1, N, M), (split + 1) * split_keys)
             for j0 in range(split * split_keys, key_end, bk):
                 j1 = min(j0 + bk, M)
                 s = s_buf[: n * (j1 - j0)].reshape(n, j1 - j0)  # (n, m) scores
                 np.dot(q_tile, k[g * M + j0 : g * M + j1].T, s)
-                if has_mask or causal:
-                    _score_tile(s, mask, has_mask, causal, g, Hkv, G, N, M, r0, j0)
+                if has_mask or has_alibi or causal:
+                    _score_tile(
+                        s, mask, has_mask, slopes, has_alibi, causal, g, Hkv, G, N, M, r0, j0
+                    )
+                if sigmoid:
+                    for r in range(n):
+                        _logistic_row(s[r], bias)
+                    np.dot(s, v[g * M + j0 : g * M + j1], pv)
+                    for r in range(n):
+                        for d in range(Dv):
+                            acc[r, d] += pv[r, d]
+                    continue
                 for r in range(n):
                     srow = s[r]
                     m_new = row_max(srow, m_run[r])
@@ -331,9 +394,47 @@ def combine(parts, m_parts, l_parts, causal, N, M, bad_v, out, m_out, l_out):
         _finish_row(acc, l, causal, row % R % N, N, M, bad_v[row // R], out[row])
 
 
+@njit(fastmath=FASTMATH, cache=True)
+def sum_parts(parts, causal, N, M, bad_v, out):
+    r"""Merge the key splits of sigmoid attention: $O = \sum_s \tilde O_s$ (no normaliser).
+
+    ``parts (S, rows, Dv)``; writes ``out (rows, Dv)``.
+    """
+    nsplit, rows, Dv = parts.shape
+    R = rows // bad_v.shape[0]
+    one = parts.dtype.type(1.0)
+    for row in range(rows):
+        acc = np.zeros(Dv, parts.dtype)
+        for s in range(nsplit):
+            for d in range(Dv):
+                acc[d] += parts[s, row, d]
+        _finish_row(acc, one, causal, row % R % N, N, M, bad_v[row // R], out[row])
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def weights(q, k, mask, has_mask, causal, scale, Hkv, N, M, bq, bk, m_rows, l_rows, workers, out):
-    r"""The attention weights $P = e^{S - m} / \ell$, tile by tile, from the forward's $m, \ell$.
+def weights(
+    q,
+    k,
+    mask,
+    has_mask,
+    slopes,
+    has_alibi,
+    causal,
+    scale,
+    sigmoid,
+    bias,
+    Hkv,
+    N,
+    M,
+    bq,
+    bk,
+    m_rows,
+    l_rows,
+    workers,
+    out,
+):
+    r"""The attention weights $P = e^{S - m} / \ell$, tile by tile, from the forward's $m, \ell$
+    (with ``sigmoid``: $P = \sigma(S + b)$, where $m, \ell$ play no part).
 
     ``q (B*H*N, D)``, ``k (B*Hkv*M, D)``, ``m_rows``/``l_rows (B*H*N,)``; writes
     ``out (B*H*N, M)``. A fully masked row ($\ell = 0$) gets zeros; a row whose normaliser is
@@ -359,7 +460,9 @@ def weights(q, k, mask, has_mask, causal, scale, Hkv, N, M, bq, bk, m_rows, l_ro
                 s = s_buf[: n * (j1 - j0)].reshape(n, j1 - j0)
                 if j0 < key_end:
                     np.dot(q_tile, k[g * M + j0 : g * M + j1].T, s)
-                    _score_tile(s, mask, has_mask, causal, g, Hkv, G, N, M, r0, j0)
+                    _score_tile(
+                        s, mask, has_mask, slopes, has_alibi, causal, g, Hkv, G, N, M, r0, j0
+                    )
                 for r in range(n):
                     row = g * R + r0 + r
                     m = m_rows[row]
@@ -367,7 +470,13 @@ def weights(q, k, mask, has_mask, causal, scale, Hkv, N, M, bq, bk, m_rows, l_ro
                     shift = m if m != -np.inf else zero
                     inv = one / l if l > 0 else (one if l == 0 else nan)
                     dest = out[row, j0:j1]
-                    if j0 < key_end:
+                    if sigmoid:
+                        if j0 < key_end:
+                            dest[:] = s[r]
+                            _logistic_row(dest, bias)
+                        else:
+                            dest[:] = zero
+                    elif j0 < key_end:
                         for c in range(j1 - j0):
                             dest[c] = fast_exp(s[r, c] - shift) * inv
                     else:
@@ -453,7 +562,28 @@ def _additive_mask(mask: np.ndarray | None, dtype: np.dtype) -> tuple[np.ndarray
     return np.require(add, requirements=("C", "W")), True
 
 
-def _online_softmax(
+@dataclass(frozen=True)
+class Form:
+    """What the kernels compute from the scores: the softmax (default) or sigmoid attention.
+
+    Attributes:
+        sigmoid: ``P = sigmoid(S + bias)`` with no normalisation, instead of the softmax.
+        bias: the scalar ``b`` of sigmoid attention.
+        slopes: ALiBi slopes ``(H,)`` float64 (``-slopes[h] * |i + M - N - j|`` is added to
+            the scores), or ``None``.
+    """
+
+    sigmoid: bool = False
+    bias: float = 0.0
+    slopes: np.ndarray | None = None
+
+    def arguments(self, dtype: np.dtype) -> tuple[np.ndarray, bool, bool, np.floating]:
+        """``(slopes, has_alibi, sigmoid, bias)`` as the kernels take them, in ``dtype``."""
+        slopes = np.zeros(1, dtype) if self.slopes is None else self.slopes.astype(dtype)
+        return slopes, self.slopes is not None, self.sigmoid, dtype.type(self.bias)
+
+
+def _forward_rows(
     q2: np.ndarray,
     k2: np.ndarray,
     v2: np.ndarray,
@@ -465,12 +595,14 @@ def _online_softmax(
     N: int,
     M: int,
     out: np.ndarray,
+    form: Form,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run :func:`forward` (and :func:`combine` if the keys are split) into ``out (rows, Dv)``.
+    """Run :func:`forward` (and :func:`combine` or :func:`sum_parts` if the keys are split)
+    into ``out (rows, Dv)``.
 
     The keys are split only when there are fewer ``(batch, KV head, row tile)`` items than
     threads, into as many parts as it takes to give every thread one (decoding, ``N = 1``).
-    Returns the rows' final maximum and normaliser, ``m, l (rows,)``.
+    Returns the rows' final maximum and normaliser, ``m, l (rows,)`` (0 and 1 for sigmoid).
     """
     rows, Dv = out.shape
     BHkv = k2.shape[0] // M
@@ -484,13 +616,63 @@ def _online_softmax(
     dtype = out.dtype
     parts = out.reshape(1, rows, Dv) if nsplit == 1 else np.empty((nsplit, rows, Dv), dtype)
     m_parts, l_parts = np.empty((nsplit, rows), dtype), np.empty((nsplit, rows), dtype)
-    args = (has_mask, causal, scale, Hkv, N, M, bq, BK, bad_v, min(threads, items * nsplit))
-    forward(q2, k2, v2, add, *args, parts, m_parts, l_parts)
+    slopes, has_alibi, sigmoid, bias = form.arguments(dtype)
+    forward(
+        q2, k2, v2, add, has_mask, slopes, has_alibi, causal, scale, sigmoid, bias,
+        Hkv, N, M, bq, BK, bad_v, min(threads, items * nsplit), parts, m_parts, l_parts,
+    )  # fmt: skip
     if nsplit == 1:
+        return m_parts[0], l_parts[0]
+    if sigmoid:
+        sum_parts(parts, causal, N, M, bad_v, out)
         return m_parts[0], l_parts[0]
     m, l = np.empty(rows, dtype), np.empty(rows, dtype)
     combine(parts, m_parts, l_parts, causal, N, M, bad_v, out, m, l)
     return m, l
+
+
+def run(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    *,
+    mask: np.ndarray | None,
+    causal: bool,
+    scale: float | None,
+    return_weights: bool,
+    form: Form,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """The tiled kernels on validated NumPy inputs: ``(O, P or None, m, l)``.
+
+    ``q (B, H, N, D)``, ``k (B, Hkv, M, D)``, ``v (B, Hkv, M, Dv)`` of one dtype, float32 or
+    float64 (computed in that dtype); ``mask`` broadcastable to ``(B, H, N, M)``. ``O`` is
+    ``(B, H, N, Dv)``, ``P`` the weights ``(B, H, N, M)`` when asked, ``m, l (B*H*N,)`` the
+    rows' maximum and normaliser (softmax only).
+    """
+    dtype = q.dtype
+    B, H, N, D = q.shape
+    Hkv, M, Dv = k.shape[1], k.shape[2], v.shape[3]
+    rows = B * H * N
+    q2, k2, v2 = _rows(q), _rows(k), _rows(v)  # (B*H*N, D), (B*Hkv*M, D), (B*Hkv*M, Dv)
+    add, has_mask = _additive_mask(mask, dtype)
+    scale = dtype.type(1.0 / math.sqrt(D) if scale is None else scale)
+    causal = bool(causal)
+    out = _outputs.empty((B, H, N, Dv), like=q)
+    w = None
+    with _one_blas_thread():
+        m, l = _forward_rows(
+            q2, k2, v2, add, has_mask, causal, scale, Hkv, N, M, out.reshape(rows, Dv), form
+        )
+        if return_weights:
+            w = _outputs.empty((B, H, N, M), like=q)
+            bq = min(BQ, rows // (B * Hkv))
+            workers = min(num_threads(), B * Hkv * -(-(rows // (B * Hkv)) // bq))
+            slopes, has_alibi, sigmoid, bias = form.arguments(dtype)
+            weights(
+                q2, k2, add, has_mask, slopes, has_alibi, causal, scale, sigmoid, bias,
+                Hkv, N, M, bq, BK, m, l, workers, w.reshape(rows, M),
+            )  # fmt: skip
+    return out, w, m, l
 
 
 def attention(
@@ -510,30 +692,13 @@ def attention(
     float64 (computed in that dtype); ``mask`` broadcastable to ``(B, H, N, M)``. Returns
     ``O (B, H, N, Dv)``, then the weights ``(B, H, N, M)`` and ``lse (B, H, N)`` if asked.
     """
-    dtype = q.dtype
-    B, H, N, D = q.shape
-    Hkv, M, Dv = k.shape[1], k.shape[2], v.shape[3]
-    rows = B * H * N
-    q2, k2, v2 = _rows(q), _rows(k), _rows(v)  # (B*H*N, D), (B*Hkv*M, D), (B*Hkv*M, Dv)
-    add, has_mask = _additive_mask(mask, dtype)
-    scale = dtype.type(1.0 / math.sqrt(D) if scale is None else scale)
-    causal = bool(causal)
-    out = _outputs.empty((B, H, N, Dv), like=q)
-    results = [out]
-    with _one_blas_thread():
-        m, l = _online_softmax(
-            q2, k2, v2, add, has_mask, causal, scale, Hkv, N, M, out.reshape(rows, Dv)
-        )
-        if return_weights:
-            w = _outputs.empty((B, H, N, M), like=q)
-            bq = min(BQ, rows // (B * Hkv))
-            workers = min(num_threads(), B * Hkv * -(-(rows // (B * Hkv)) // bq))
-            args = (has_mask, causal, scale, Hkv, N, M, bq, BK, m, l, workers)
-            weights(q2, k2, add, *args, w.reshape(rows, M))
-            results.append(w)
+    out, w, m, l = run(
+        q, k, v, mask=mask, causal=causal, scale=scale, return_weights=return_weights, form=Form()
+    )
+    results = [out] if w is None else [out, w]
     if return_lse:
-        lse = _outputs.empty((B, H, N), like=q)
+        lse = _outputs.empty(q.shape[:3], like=q)
         with np.errstate(divide="ignore", invalid="ignore"):
-            np.add(m, np.log(l), out=lse.reshape(rows))  # m + log(l); -inf where l = 0
+            np.add(m, np.log(l), out=lse.reshape(-1))  # m + log(l); -inf where l = 0
         results.append(lse)
     return results[0] if len(results) == 1 else tuple(results)

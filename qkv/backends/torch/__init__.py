@@ -11,7 +11,9 @@ Ops:
 * ``flash``: a Triton forward kernel on CUDA tensors (and on CPU tensors under
   ``TRITON_INTERPRET=1``), otherwise the ``sdpa`` path; see
   :func:`qkv.backends.torch._attention.flash` for which runs when;
-* ``rope``: rotary position embedding.
+* ``rope``: rotary position embedding;
+* ``sigmoid``: sigmoid attention, a Triton forward kernel where ``flash``'s would run, else
+  explicit torch operations (see :mod:`qkv.backends.torch._sigmoid`).
 
 Neither torch nor triton is imported until an op runs.
 """
@@ -24,11 +26,12 @@ import numpy as np
 
 from qkv.backends.torch._attention import flash, sdpa
 from qkv.backends.torch._rope import rope
+from qkv.backends.torch._sigmoid import sigmoid
 from qkv.backends.torch._tensors import as_tensor
 
 NAME = "torch"
 
-__all__ = ["NAME", "asarray", "available", "flash", "rope", "sdpa", "to_numpy"]
+__all__ = ["NAME", "asarray", "available", "flash", "rope", "sdpa", "sigmoid", "to_numpy"]
 
 
 def available() -> tuple[bool, str]:

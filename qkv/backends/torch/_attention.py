@@ -24,6 +24,7 @@ All three support autograd except the Triton kernel, which is forward only.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from typing import TYPE_CHECKING, Any
@@ -109,6 +110,31 @@ def _fused(
     return out.to(q.dtype)
 
 
+def scores(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool, scale: float) -> Tensor:
+    r"""$S = \text{scale}\cdot QK^\top$ with the mask and the causal pattern, ``(B, H, N, M)``.
+
+    ``q (B, H, N, D)``, ``k (B, Hkv, M, D)`` (grouped heads); a bool mask and the causal
+    pattern give $-\infty$, a float mask is added (its ``-inf`` entries give $-\infty$ outright,
+    so a NaN score there stays shielded). In float64 for float64 inputs, else float32.
+    """
+    import torch
+
+    B, H, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    work = _work_dtype(q.dtype)
+    qg = q.to(work).reshape(B, Hkv, H // Hkv, N, D)  # (B, Hkv, G, N, D)
+    kw = k.to(work)[:, :, None]  # (B, Hkv, 1, M, D)
+    s = (scale * (qg @ kw.transpose(-1, -2))).reshape(B, H, N, M)  # (B, H, N, M)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            s = torch.where(mask, s, float("-inf"))
+        else:  # -inf masks outright, so a NaN score there stays shielded
+            s = torch.where(torch.isneginf(mask), float("-inf"), s + mask.to(work))
+    if causal:
+        s = torch.where(causal_allowed(N, M, q.device), s, float("-inf"))
+    return s
+
+
 def _explicit(
     q: Tensor,
     k: Tensor,
@@ -131,18 +157,8 @@ def _explicit(
     B, H, N, D = q.shape
     Hkv, M, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = H // Hkv
-    work = _work_dtype(q.dtype)
-    qg = q.to(work).reshape(B, Hkv, G, N, D)  # (B, Hkv, G, N, D)
-    kw = k.to(work)[:, :, None]  # (B, Hkv, 1, M, D)
-    vw = v.to(work)[:, :, None]  # (B, Hkv, 1, M, Dv)
-    s = (scale * (qg @ kw.transpose(-1, -2))).reshape(B, H, N, M)  # (B, H, N, M)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            s = torch.where(mask, s, float("-inf"))
-        else:  # -inf masks outright, so a NaN score there stays shielded
-            s = torch.where(torch.isneginf(mask), float("-inf"), s + mask.to(work))
-    if causal:
-        s = torch.where(causal_allowed(N, M, q.device), s, float("-inf"))
+    vw = v.to(_work_dtype(q.dtype))[:, :, None]  # (B, Hkv, 1, M, Dv)
+    s = scores(q, k, mask, causal, scale)  # (B, H, N, M)
     row_max = s.detach().amax(dim=-1, keepdim=True)  # (B, H, N, 1)
     shift = torch.where(torch.isneginf(row_max), 0.0, row_max)  # a row with no key: shift 0
     p = torch.exp(s - shift)  # (B, H, N, M)
@@ -201,9 +217,16 @@ def _interpreting() -> bool:
 
 
 def kernel_applies(
-    q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, return_weights: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None,
+    return_weights: bool,
+    kernel_module: str = "flash",
 ) -> bool:
-    """Whether :func:`flash` runs the Triton kernel for these arguments (see its docstring)."""
+    """Whether the Triton kernel of ``qkv.backends.torch.triton.<kernel_module>`` runs for these
+    arguments (see :func:`flash`'s docstring; ``sigmoid`` uses the same rules)."""
     import torch
 
     if mask is not None or return_weights:
@@ -222,7 +245,7 @@ def kernel_applies(
         return False
     if q.dtype not in dtypes or importlib.util.find_spec("triton") is None:
         return False
-    from qkv.backends.torch.triton import flash as kernel
+    kernel = importlib.import_module(f"qkv.backends.torch.triton.{kernel_module}")
 
     # The interpreter is chosen when the kernel is decorated, i.e. when that module is imported.
     return q.device.type == "cuda" or kernel.interpreted()
