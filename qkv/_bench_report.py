@@ -179,7 +179,7 @@ def rich_table(data: dict[str, Any]) -> Table:
         memory.add_column(column, overflow="fold")
     for row in data["memory"]["rows"]:
         memory.add_row(*map(escape, memory_cells(row, width=60)))
-    targets = Table(title="targets (issue 2)", title_justify="left")
+    targets = Table(title="targets", title_justify="left")
     for column in TARGET_COLUMNS:
         targets.add_column(column, overflow="fold")
     style = {"pass": "[green]pass", "miss": "[red]miss", "n/a": "[dim]n/a"}

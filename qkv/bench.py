@@ -1,6 +1,6 @@
 """CPU benchmarks of softmax attention: every backend against the NumPy reference and torch SDPA.
 
-:func:`run` times ``sdpa`` and ``flash`` (fp32, ``B=1, H=8, D=64``) at ``N = M`` in
+:func:`run` times ``sdpa``, ``flash`` and ``sigmoid`` (fp32, ``B=1, H=8, D=64``) at ``N = M`` in
 {512, 1024, 2048, 4096}, causal at 2048, and one decode shape (``N=1, M=16384``), on every
 available backend, next to ``torch.nn.functional.scaled_dot_product_attention`` and the
 machine's measured fp32 GEMM rate, all in one run. It then measures the peak extra memory of one
@@ -44,7 +44,10 @@ SCHEMA_VERSION = 1
 #: The fixed part of every shape: batch, heads and head dim.
 B, H, D = 1, 8, 64
 DTYPE = "float32"
-OPS = ("sdpa", "flash")
+OPS = ("sdpa", "flash", "sigmoid")
+#: Ops whose output is softmax attention, checked against torch SDPA; the others are checked
+#: against the reference backend's output of the same op.
+SOFTMAX_OPS = ("sdpa", "flash")
 #: Name of the peer row: torch's own SDPA called directly on torch tensors.
 PEER = _bench_report.PEER
 #: A backend's output that differs from the peer's by more than this (norm-wise) is flagged.
@@ -460,7 +463,9 @@ def check_targets(rows: list[dict[str, Any]], memory: dict[str, Any]) -> list[di
     case = Shape(2048, 2048).label
     numba = _find(rows, case, "flash", "numba")
     peer = _find(rows, case, "sdpa", PEER)
-    refs = [r for op in OPS if (r := _find(rows, case, op, "reference")) and r["status"] == "ok"]
+    refs = [
+        r for op in SOFTMAX_OPS if (r := _find(rows, case, op, "reference")) and r["status"] == "ok"
+    ]
     targets = []
 
     speed = {
@@ -501,6 +506,24 @@ def check_targets(rows: list[dict[str, Any]], memory: dict[str, Any]) -> list[di
     targets.append(over)
 
     targets.append(_bench_memory.memory_target(memory, impl="numba flash", n=16384))
+
+    sigmoid = _find(rows, case, "sigmoid", "numba")
+    versus = {
+        "target": "numba sigmoid, fp32, N=M=2048, H=8, D=64: at most 1.1x the time of numba flash",
+        "status": "n/a",
+    }
+    missing = _not_measured(sigmoid, "numba sigmoid") or _not_measured(numba, "numba flash")
+    if missing:
+        versus["measured"] = missing
+        if sigmoid is not None and sigmoid["status"] != "ok":
+            versus["status"] = "miss"
+    else:
+        ratio = sigmoid["ms_median"] / numba["ms_median"]
+        versus["measured"] = (
+            f"{ratio:.2f}x ({sigmoid['ms_median']:.1f} ms vs {numba['ms_median']:.1f} ms)"
+        )
+        versus["status"] = "pass" if ratio <= 1.1 else "miss"
+    targets.append(versus)
     return targets
 
 
@@ -635,6 +658,7 @@ def run(
                 expected = _time_row(row, peer, None, settings)
             bar.done()
             for op in OPS:
+                check = expected if op in SOFTMAX_OPS else None
                 for module in modules:
                     row = _row(shape, op, module.NAME, "backend")
                     rows.append(row)
@@ -648,9 +672,11 @@ def run(
                         call = functools.partial(
                             getattr(qkv, op), q, k, v, causal=shape.causal, backend=module
                         )
-                        output = _time_row(row, call, expected, settings)
-                        if expected is None and module.NAME == "reference":
-                            expected = output
+                        output = _time_row(row, call, check, settings)
+                        if check is None and module.NAME == "reference":
+                            check = output
+                            if op in SOFTMAX_OPS:
+                                expected = output
                     bar.done()
             del q, k, v, expected
         _ratios(rows, gemm["peak_gflops"])

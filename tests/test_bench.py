@@ -91,7 +91,7 @@ def test_json_has_the_documented_keys(saved: dict[str, Any], result: bench.Bench
     assert saved["gemm"]["peak_gflops"] > 0
     assert saved["gemm"]["peak_source"] in ("numpy", "torch")
     assert {t["status"] for t in saved["targets"]} <= {"pass", "miss", "n/a"}
-    assert len(saved["targets"]) == 3
+    assert len(saved["targets"]) == 4
     assert result.plot_path is not None and result.plot_path.is_file()
     assert result.plot_path.parent == result.path.parent
 
