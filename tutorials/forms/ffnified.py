@@ -40,17 +40,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import qkv
+from qkv.lab.notebook import rel_err
 from qkv.reference.forms import ffnified_mixer as ff
 
 SMALL = os.environ.get("QKV_TUTORIAL_SMALL") == "1"  # the test suite runs us at small sizes
 rng = np.random.default_rng(0)
 np.set_printoptions(precision=4, suppress=True, linewidth=110)
-
-
-def rel_err(a, b):
-    """Norm-wise relative error ||a - b|| / ||b||, in float64."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), np.finfo(float).tiny))
 
 
 # %% [markdown]

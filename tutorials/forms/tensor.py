@@ -50,27 +50,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import qkv
+from qkv.lab.notebook import rel_err, show_table
 from qkv.reference.forms import tensor_attention
 
 SMALL = os.environ.get("QKV_TUTORIAL_SMALL") == "1"  # the test suite runs us at small sizes
 rng = np.random.default_rng(0)
 np.set_printoptions(precision=4, suppress=True, linewidth=110)
-
-
-def rel_err(a, b):
-    """Norm-wise relative error ||a - b|| / ||b||, in float64."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), np.finfo(float).tiny))
-
-
-def show_table(header, rows):
-    """Print rows as an aligned plain-text table (readable as a script and on the page)."""
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for i, row in enumerate(cells):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 def best_of(fn, repeats, *args, **kwargs):
