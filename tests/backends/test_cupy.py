@@ -69,7 +69,12 @@ def _config_options(source: Path, D: int, Dv: int) -> tuple[str, ...]:
 
 
 def test_every_kernel_source_is_listed() -> None:
-    assert {p.name for p in KERNELS} == {"flash_fwd.cu", "rope.cu", "sigmoid_fwd.cu"}
+    assert {p.name for p in KERNELS} == {
+        "flash_fwd.cu",
+        "rope.cu",
+        "sigmoid_fwd.cu",
+        "tensor_fwd.cu",
+    }
 
 
 @needs_nvcc

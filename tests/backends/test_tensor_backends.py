@@ -2,11 +2,23 @@
 
 The expected output is :func:`qkv.reference.forms.tensor_attention.tensor_brute_force` in
 float64 (the equation as it reads, independent of the streaming kernels). Outputs are poisoned
-(NaN-filled before a kernel runs), so an element a kernel forgets to write fails. The last
-tests go through the dispatched ops ``qkv.tensor`` and ``qkv.tensor_approx``.
+(NaN-filled before a kernel runs), so an element a kernel forgets to write fails. Sections:
+
+* numba: the streaming kernel, then the dispatched ops ``qkv.tensor`` and ``qkv.tensor_approx``;
+* torch: the streaming torch form (values and gradients) and the Triton kernel under the
+  interpreter (``cuda`` variants are marked ``gpu``);
+* cupy: ``tensor_fwd.cu`` compiled with ``nvcc -arch=sm_90`` for the planned configurations,
+  its arguments checked against the PTX signature; ``gpu`` tests compare it with the reference
+  where a GPU is lent (compiled, not yet run on a GPU).
 """
 
 from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +167,266 @@ def test_kernel_exponential_is_accurate_on_nonpositive_arguments(dtype):
     special = np.array([-np.inf, np.nan], dtype=dtype)
     apply(special, out[:2])
     assert out[0] == 0 and np.isnan(out[1])
+
+
+# --------------------------------------------------------------------------- torch and Triton
+
+torch = pytest.importorskip("torch")
+
+from qkv.backends import torch as torch_backend  # noqa: E402
+from qkv.backends.torch import _attention as torch_attention  # noqa: E402
+from qkv.backends.torch import _tensor as torch_tensor  # noqa: E402
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# Small enough for the Triton interpreter: one token, odd sizes below one tile, grouped heads,
+# and (with 16 x 16 tiles) several query tiles and second-key tiles with ragged ends.
+TRITON_SHAPES = {
+    "one-token": (1, 1, 1, 1, 1, 1, 1),
+    "decode": (1, 2, 1, 1, 9, 16, 16),
+    "odd": (1, 3, 3, 7, 5, 3, 5),
+    "gqa": (1, 4, 2, 5, 11, 8, 6),
+    "tiles": (1, 2, 1, 20, 18, 4, 4),
+}
+
+
+def as_tensors(inputs, dtype=None, device="cpu"):
+    return tuple(torch.from_numpy(x).to(device=device, dtype=dtype) for x in inputs)
+
+
+def value_scale(inputs):
+    """``max|v1| * max|v2|``: every output lies within it (a convex combination of V1 ∘ V2)."""
+    return float(np.abs(inputs[3]).max() * np.abs(inputs[4]).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_torch_streamed_form_matches_the_float64_reference(shape, dtype, monkeypatch):
+    """The streaming torch form, with blocks of first keys small enough to leave a ragged end."""
+    B, H, _, N, M, D, Dv = shape
+    tile = 3 * B * H * N * max(M, D, Dv)  # blocks of min(3, M) first keys
+    monkeypatch.setattr(torch_tensor, "TILE_ELEMENTS", tile)
+    inputs = make_inputs(shape, dtype, bound=0.8)
+    golden = tensor_brute_force(*(x.astype(np.float64) for x in inputs), scale=0.9)
+    tensors = as_tensors(inputs)
+    out = torch_tensor._streamed(*tensors, 0.9)
+    assert out.dtype == tensors[0].dtype and out.shape == golden.shape
+    np.testing.assert_allclose(
+        out.numpy(), golden, rtol=TOL[dtype], atol=TOL[dtype] * value_scale(inputs)
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["fp32", "fp64"])
+def test_torch_at_large_scores(dtype):
+    """Scores up to a few hundred: the row maxima keep every exponent <= 0 (tolerance as for
+    numba at large scores)."""
+    inputs = make_inputs((1, 2, 1, 9, 12, 6, 4), dtype, bound=4.0, seed=1)
+    golden = tensor_brute_force(*(x.astype(np.float64) for x in inputs))
+    out = torch_tensor._streamed(*as_tensors(inputs), 1.0).numpy()
+    assert np.isfinite(out).all()
+    tol = {np.float32: 1e-3, np.float64: 1e-10}[dtype]
+    np.testing.assert_allclose(out, golden, rtol=tol, atol=tol * np.abs(golden).max())
+
+
+def test_torch_gradients_match_finite_differences():
+    """Autograd through the streaming form, several blocks of first keys (checkpointed)."""
+    inputs = make_inputs((1, 2, 1, 3, 4, 2, 2), np.float64, seed=6)
+    tensors = tuple(t.requires_grad_() for t in as_tensors(inputs))
+    assert not torch_attention.kernel_applies(
+        tensors[0], tensors[1], tensors[3], mask=None, return_weights=False
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch_tensor, "TILE_ELEMENTS", 2 * 2 * 3 * 4)  # blocks of 2 first keys
+        assert torch.autograd.gradcheck(
+            lambda *t: torch_backend.tensor(*t, scale=0.7), tensors, eps=1e-6, atol=1e-7
+        )
+
+
+def triton_device_or_skip(device):
+    pytest.importorskip("triton")
+    if device == "cuda":
+        if os.environ.get("QKV_GPU", "") in ("", "0") or not torch.cuda.is_available():
+            pytest.skip("needs an NVIDIA GPU and QKV_GPU=1 (make gpu-check)")
+    else:
+        from qkv.backends.torch.triton import tensor as kernel
+
+        if not kernel.interpreted():
+            pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
+    return torch.device(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", TRITON_SHAPES.values(), ids=TRITON_SHAPES.keys())
+def test_triton_kernel_matches_the_float64_reference(shape, device):
+    """Through the op (default tiles) and with 16 x 16 tiles. fp32 within 2e-5; fp16 (and bf16
+    on CUDA) against the reference on the same rounded inputs: ``Q ∘ K1[i]``, ``P`` and the
+    output are rounded to the dtype, a few of its ulps of ``max|v1| max|v2|`` at scores of
+    order one."""
+    device = triton_device_or_skip(device)
+    from qkv.backends.torch.triton.tensor import tensor_forward
+
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+    inputs = make_inputs(shape, np.float32, bound=0.8)
+    golden = tensor_brute_force(*(x.astype(np.float64) for x in inputs), scale=0.9)
+    for dtype in dtypes:
+        tensors = as_tensors(inputs, dtype, device)
+        assert torch_attention.kernel_applies(
+            tensors[0], tensors[1], tensors[3], mask=None, return_weights=False,
+            kernel_module="tensor",
+        )  # fmt: skip
+        with _outputs.poisoned():
+            outs = [
+                torch_backend.tensor(*tensors, scale=0.9),
+                tensor_forward(*tensors, scale=0.9, block_q=16, block_k=16),
+            ]
+        rounded = tensor_brute_force(*(t.cpu().double().numpy() for t in tensors), scale=0.9)
+        for out in outs:
+            assert out.dtype == dtype and out.device.type == device.type
+            got = out.cpu().double().numpy()
+            if dtype == torch.float32:
+                tol = 2e-5
+                np.testing.assert_allclose(got, golden, rtol=tol, atol=tol * value_scale(inputs))
+            else:
+                eps = torch.finfo(dtype).eps
+                assert np.abs(got - rounded).max() <= 8 * eps * value_scale(inputs)
+
+
+def test_autograd_takes_the_streaming_form():
+    """An input that requires grad rules the forward-only kernel out; the result has a graph."""
+    q, k1, k2, v1, v2 = as_tensors(make_inputs(TRITON_SHAPES["odd"], np.float32))
+    v2.requires_grad_()
+    assert not torch_attention.kernel_applies(q, k2, v2, mask=None, return_weights=False)
+    out = torch_backend.tensor(q, k1, k2, v1, v2)
+    out.sum().backward()
+    assert v2.grad is not None and torch.isfinite(v2.grad).all()
+
+
+def test_dispatched_tensor_runs_natively_on_torch(monkeypatch):
+    monkeypatch.setenv("QKV_STRICT", "1")
+    _dispatch.reset_warnings()
+    inputs = make_inputs((1, 4, 2, 6, 7, 4, 3), np.float64, seed=7)
+    golden = tensor_brute_force(*inputs, scale=0.5)
+    out = qkv.tensor(*inputs, scale=0.5, backend="torch")  # NumPy in, NumPy out
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64
+    np.testing.assert_allclose(out, golden, rtol=1e-12, atol=1e-13)
+    out = qkv.tensor(*as_tensors(inputs), scale=0.5, backend="torch")
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float64
+    np.testing.assert_allclose(out.numpy(), golden, rtol=1e-12, atol=1e-13)
+
+
+# --------------------------------------------------------------------------- cupy
+
+from qkv import _checks  # noqa: E402
+from qkv.backends import cupy as cupy_backend  # noqa: E402
+from qkv.backends.cupy import _launch  # noqa: E402
+
+NVCC = shutil.which("nvcc") or next(
+    (p for p in ("/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc") if Path(p).exists()), None
+)
+needs_nvcc = pytest.mark.skipif(
+    NVCC is None, reason="nvcc not found; the CUDA sources are not compiled here"
+)
+SOURCE = _launch.KERNEL_DIR / "tensor_fwd.cu"
+CUPY_OK, CUPY_WHY = cupy_backend.available()
+requires_gpu = pytest.mark.skipif(not CUPY_OK, reason=f"cupy backend: {CUPY_WHY}")
+
+
+def _nvcc(out, *options, check=True):
+    result = subprocess.run(
+        [NVCC, "-arch=sm_90", "--std=c++17", *options, "-o", str(out), str(SOURCE)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if check:
+        assert result.returncode == 0, f"nvcc failed on {SOURCE.name}:\n{result.stderr}"
+    return result
+
+
+@needs_nvcc
+@pytest.mark.parametrize("D, Dv", [(64, 64), (3, 5), (40, 72), (256, 256), (8, 256)])
+def test_cupy_kernel_compiles_for_sm90(D, Dv, tmp_path):
+    """Every planned configuration compiles (ptxas included, so malformed inline PTX fails
+    here), and its static_assert accepts the host's shared-memory size."""
+    _nvcc(tmp_path / "k.cubin", "-cubin", *_launch.tile_config(D, Dv).defines())
+
+
+@needs_nvcc
+def test_cupy_wrong_shared_memory_size_fails_to_compile(tmp_path):
+    options = [d for d in _launch.tile_config(64, 64).defines() if "SIMT_SMEM" not in d]
+    result = _nvcc(tmp_path / "k.ptx", "--ptx", *options, "-DQKV_SIMT_SMEM=1024", check=False)
+    assert result.returncode != 0 and "shared memory" in result.stderr
+
+
+@needs_nvcc
+def test_cupy_arguments_match_the_kernel_signature(tmp_path):
+    ptx = tmp_path / "k.ptx"
+    _nvcc(ptx, "--ptx", *_launch.tile_config(64, 64).defines())
+    entries = re.findall(r"\.entry\s+(\w+)\s*\(([^)]*)\)", ptx.read_text())
+    params = {name: re.findall(r"\.param\s+\.(\w+)", body) for name, body in entries}
+
+    def ptx_type(arg):
+        if isinstance(arg, np.ndarray):
+            return "u64"  # a device pointer
+        assert isinstance(arg, np.generic), f"unsized Python scalar {arg!r}"
+        return {"i4": "u32", "i8": "u64", "f4": "f32"}[arg.dtype.str[1:]]
+
+    dims = _checks.AttentionDims(2, 4, 2, 70, 9, 64, 64)
+    q, out = np.zeros((2, 4, 70, 64), np.float16), np.zeros((2, 4, 70, 64), np.float16)
+    k = np.zeros((2, 2, 9, 64), np.float16)
+    for element in ("f16", "f32"):
+        plan = _launch.plan_tensor(dims, element, smem_limit=232448)
+        assert plan.grid == (2, 4, 2) and plan.smem == plan.config.simt_smem
+        args = _launch.tensor_arguments(dims, q, k, k, k, k, out, scale=0.5)
+        assert [ptx_type(a) for a in args] == params[plan.kernel]
+
+
+def test_cupy_plan_declines_what_the_device_cannot_hold():
+    dims = _checks.AttentionDims(1, 2, 1, 100, 100, 256, 256)
+    with pytest.raises(Unsupported, match="shared memory"):
+        _launch.plan_tensor(dims, "f32", smem_limit=48 * 1024)
+    with pytest.raises(Unsupported, match="head dims"):
+        _launch.plan_tensor(dims._replace(D=300), "f32", smem_limit=232448)
+    with pytest.raises(Unsupported, match="grid"):
+        _launch.plan_tensor(dims._replace(H=70000), "f32", smem_limit=232448)
+
+
+def test_cupy_declines_before_any_gpu_work():
+    with pytest.raises(Unsupported, match="float64"):
+        cupy_backend.tensor(*make_inputs((1, 1, 1, 2, 3, 2, 2), np.float64))
+    with pytest.raises(Unsupported, match="256"):
+        cupy_backend.tensor(*make_inputs((1, 1, 1, 2, 3, 300, 2), np.float32))
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize(
+    "shape", [*SHAPES.values(), (2, 8, 2, 130, 70, 64, 40)], ids=[*SHAPES.keys(), "large"]
+)
+def test_cupy_matches_the_float64_reference(shape):
+    """fp32 within 2e-5; fp16 inputs (widened, fp32 arithmetic, fp16 output) against the
+    reference on the same rounded inputs, within a few fp16 ulps of ``max|v1| max|v2|``."""
+    import cupy
+
+    for dtype in (np.float32, np.float16):
+        inputs = make_inputs(shape, dtype, bound=0.8)
+        golden = tensor_brute_force(*(x.astype(np.float64) for x in inputs), scale=0.9)
+        with _outputs.poisoned():
+            out = cupy_backend.tensor(*(cupy.asarray(x) for x in inputs), scale=0.9)
+        assert isinstance(out, cupy.ndarray) and out.dtype == dtype
+        got = cupy.asnumpy(out).astype(np.float64)
+        bound = value_scale(inputs)
+        tol = 2e-5 if dtype == np.float32 else 4 * 2.0**-10
+        np.testing.assert_allclose(got, golden, rtol=tol, atol=tol * bound)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_dispatched_tensor_runs_natively_on_cupy(monkeypatch):
+    """NumPy in, NumPy out, through the cupy kernel (strict: no reference fallback)."""
+    monkeypatch.setenv("QKV_STRICT", "1")
+    _dispatch.reset_warnings()
+    inputs = make_inputs((1, 4, 2, 10, 12, 8, 8), np.float32, seed=8)
+    golden = tensor_brute_force(*(x.astype(np.float64) for x in inputs), scale=0.5)
+    out = qkv.tensor(*inputs, scale=0.5, backend="cupy")
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    np.testing.assert_allclose(out, golden, rtol=2e-5, atol=2e-5 * np.abs(golden).max())

@@ -13,6 +13,9 @@ Ops:
   ``M``, head dims up to 256 (``Dv`` may differ from ``D``); short query sets split the keys
   across blocks (flash-decoding) and merge the parts. No ``N x M`` array is formed.
 * ``rope`` runs ``rope.cu`` for float16, float32 and float64.
+* ``sigmoid`` runs ``sigmoid_fwd.cu``; ``tensor`` (exact tensor attention) runs
+  ``tensor_fwd.cu``, a streaming online softmax over all key pairs (fp32 on CUDA cores, fp16 or
+  fp32 inputs, no ``N x M**2`` array).
 
 Declined inputs (the dispatcher runs the reference instead, with a ``FallbackWarning``):
 float64 and bfloat16 attention, ``return_weights=True`` (the fused kernel never forms the
@@ -185,3 +188,25 @@ def rope(
     float64 input), as the reference does; returns ``(B, H, N, D)`` in the dtype of ``x``.
     """
     return _launch.rope_forward(x, positions=positions, offset=offset, base=base, pairing=pairing)
+
+
+def tensor(
+    q: Any,
+    k1: Any,
+    k2: Any,
+    v1: Any,
+    v2: Any,
+    *,
+    scale: float = 1.0,
+) -> Any:
+    r"""Exact tensor (Kronecker) attention on the GPU (``tensor_fwd.cu``); the reference's
+    semantics (see :func:`qkv.reference.forms.tensor_attention.tensor`).
+
+    ``q (B, H, N, D)``, ``k1``/``k2 (B, Hkv, M, D)``, ``v1``/``v2 (B, Hkv, M, Dv)`` as CuPy
+    arrays, float16 or float32, grouped heads, any ``N`` and ``M``; returns ``O (B, H, N, Dv)``
+    in the input dtype, $o_a = \sum_{ij}\operatorname{softmax}_{ij}(S_a)\,V_1[i]\circ V_2[j]$
+    with $S_{a,ij} = \text{scale}\sum_l Q_{al} K_{1,il} K_{2,jl}$. A streaming online softmax
+    in fp32, $O(N M^2 (D + D_v))$ time, no ``N x M**2`` array. Declines (reference fallback)
+    float64 and head dims over 256. Compiled, not yet run on a GPU.
+    """
+    return _launch.tensor_forward(q, k1, k2, v1, v2, scale=scale)

@@ -567,3 +567,98 @@ def sigmoid_forward(
         kernel = _kernel(device.id, "sigmoid_fwd.cu", plan.config.defines(), plan.kernel, plan.smem)
         kernel(plan.grid, (THREADS, 1, 1), args, shared_mem=plan.smem)
     return out
+
+
+# --------------------------------------------------------------------------- tensor attention
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one tensor-attention call is launched (``tensor_fwd.cu``).
+
+    ``grid = (n_qtiles, H, B)`` blocks of ``THREADS`` threads with ``smem`` bytes of dynamic
+    shared memory; block ``x`` handles query tile ``x`` against all ``M**2`` key pairs. The
+    tiles (queries x second keys) and the shared-memory layout are the fp32 (SIMT) ones of
+    :func:`tile_config`, for fp16 inputs too.
+    """
+
+    kernel: str
+    config: TileConfig
+    smem: int
+    grid: tuple[int, int, int]
+
+
+def plan_tensor(dims: _checks.AttentionDims, element: str, *, smem_limit: int) -> TensorPlan:
+    """Tiles and grid for ``qkv_tensor_fwd_<element>``; ``Unsupported`` for head dims over 256,
+    tiles beyond the device's shared memory or sizes beyond the grid's limits."""
+    B, H, _, N, M, D, Dv = dims
+    config = tile_config(D, Dv)
+    if config.simt_smem > smem_limit:
+        raise Unsupported(
+            f"the tensor kernel for D={D}, Dv={Dv} needs {config.simt_smem} bytes of shared "
+            f"memory per block and this GPU allows {smem_limit}"
+        )
+    if H > 65535 or B > 65535 or max(N, M) >= 2**31 - config.simt_block_k:
+        raise Unsupported(f"sizes beyond the CUDA grid's limits (B={B}, H={H}, N={N}, M={M})")
+    return TensorPlan(
+        kernel=f"qkv_tensor_fwd_{element}",
+        config=config,
+        smem=config.simt_smem,
+        grid=(-(-N // config.simt_block_q), H, B),
+    )
+
+
+def tensor_arguments(
+    dims: _checks.AttentionDims,
+    q: Any,
+    k1: Any,
+    k2: Any,
+    v1: Any,
+    v2: Any,
+    out: Any,
+    *,
+    scale: float,
+) -> tuple:
+    """The tensor kernel's arguments, in the order and C types of ``QKV_TENSOR_PARAMS``:
+    the five inputs and the output as device pointers, the sizes, the batch/head/token element
+    strides of each input, and ``scale * log2(e)``."""
+    strides = (element_strides(x)[:3] for x in (q, k1, k2, v1, v2))
+    return (
+        q,
+        k1,
+        k2,
+        v1,
+        v2,
+        out,
+        *(np.int32(n) for n in dims),
+        *(np.int64(s) for triple in strides for s in triple),
+        np.float32(scale * LOG2E),
+    )
+
+
+def tensor_forward(q: Any, k1: Any, k2: Any, v1: Any, v2: Any, *, scale: float) -> Any:
+    """Run the tensor kernel on CuPy arrays; returns ``out (B, H, N, Dv)`` in the input dtype.
+
+    ``q (B, H, N, D)``, ``k1``/``k2 (B, Hkv, M, D)``, ``v1``/``v2 (B, Hkv, M, Dv)``. Raises
+    ``Unsupported`` (before any work) for dtypes other than float16 and float32, head dims over
+    256, GPUs older than sm_80 and sizes beyond the grid's limits.
+    """
+    element = FLASH_ELEMENTS.get(_arrays.dtype_name(q))
+    if element is None:
+        raise Unsupported(
+            f"dtype {_arrays.dtype_name(q)}: the CuPy tensor kernel takes float16 and float32"
+        )
+    dims = _checks.tensor_call(q, k1, k2, v1, v2, scale=scale)
+    tile_config(dims.D, dims.Dv)  # head dims over 256: Unsupported before touching the GPU
+    with q.device as device:
+        capability, _, smem_limit = _device_limits(device.id)
+        if capability < MIN_CAPABILITY:
+            raise Unsupported(f"compute capability {capability / 10:.1f}; the kernels need 8.0+")
+        plan = plan_tensor(dims, element, smem_limit=smem_limit)
+        q, k1, k2, v1, v2 = (_last_axis_contiguous(x) for x in (q, k1, k2, v1, v2))
+        B, H, _, N, _, _, Dv = dims
+        out = _outputs.empty((B, H, N, Dv), like=q, dtype=q.dtype)
+        args = tensor_arguments(dims, q, k1, k2, v1, v2, out, scale=float(scale))
+        kernel = _kernel(device.id, "tensor_fwd.cu", plan.config.defines(), plan.kernel, plan.smem)
+        kernel(plan.grid, (THREADS, 1, 1), args, shared_mem=plan.smem)
+    return out

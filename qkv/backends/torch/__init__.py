@@ -13,7 +13,10 @@ Ops:
   :func:`qkv.backends.torch._attention.flash` for which runs when;
 * ``rope``: rotary position embedding;
 * ``sigmoid``: sigmoid attention, a Triton forward kernel where ``flash``'s would run, else
-  explicit torch operations (see :mod:`qkv.backends.torch._sigmoid`).
+  explicit torch operations (see :mod:`qkv.backends.torch._sigmoid`);
+* ``tensor``: exact tensor (Kronecker) attention, a streaming Triton forward kernel where
+  ``flash``'s would run, else a streaming torch form with autograd; neither forms the
+  ``N x M**2`` scores (see :mod:`qkv.backends.torch._tensor`).
 
 Neither torch nor triton is imported until an op runs.
 """
@@ -27,11 +30,12 @@ import numpy as np
 from qkv.backends.torch._attention import flash, sdpa
 from qkv.backends.torch._rope import rope
 from qkv.backends.torch._sigmoid import sigmoid
+from qkv.backends.torch._tensor import tensor
 from qkv.backends.torch._tensors import as_tensor
 
 NAME = "torch"
 
-__all__ = ["NAME", "asarray", "available", "flash", "rope", "sdpa", "sigmoid", "to_numpy"]
+__all__ = ["NAME", "asarray", "available", "flash", "rope", "sdpa", "sigmoid", "tensor", "to_numpy"]
 
 
 def available() -> tuple[bool, str]:
