@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import re
-import shutil
 import subprocess
 import sys
 import types
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import NVCC, needs_nvcc, nvcc, ptx_params
 
 import qkv
 from qkv import _checks, _dispatch, _outputs
@@ -33,12 +33,6 @@ from qkv.errors import Unsupported
 from qkv.reference import core as reference
 
 KERNELS = sorted(_launch.KERNEL_DIR.glob("*.cu"))
-NVCC = shutil.which("nvcc") or next(
-    (p for p in ("/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc") if Path(p).exists()), None
-)
-needs_nvcc = pytest.mark.skipif(
-    NVCC is None, reason="nvcc not found; the CUDA sources are not compiled here"
-)
 AVAILABLE, WHY = cupy_backend.available()
 requires_gpu = pytest.mark.skipif(not AVAILABLE, reason=f"cupy backend: {WHY}")
 
@@ -54,16 +48,6 @@ def _dims(B=1, H=2, Hkv=1, N=64, M=64, D=64, Dv=64) -> _checks.AttentionDims:
 # --------------------------------------------------------------------------- compiling
 
 
-def _nvcc(source: Path, out: Path, *options: str) -> None:
-    result = subprocess.run(
-        [NVCC, "-arch=sm_90", "--std=c++17", *options, "-o", str(out), str(source)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, f"nvcc failed on {source.name}:\n{result.stderr}"
-
-
 def _config_options(source: Path, D: int, Dv: int) -> tuple[str, ...]:
     return _launch.tile_config(D, Dv).defines() if source.name == "flash_fwd.cu" else ()
 
@@ -75,13 +59,23 @@ def test_every_kernel_source_is_listed() -> None:
         "sigmoid_fwd.cu",
         "tensor_fwd.cu",
     }
+    assert {p.name for p in _launch.KERNEL_DIR.glob("*.cuh")} == {"common.cuh"}
+
+
+@pytest.mark.parametrize("source", KERNELS, ids=lambda p: p.name)
+def test_launcher_inlines_the_shared_header(source: Path) -> None:
+    """Every kernel includes common.cuh, and the text NVRTC gets has no #include left in it."""
+    assert '#include "common.cuh"' in source.read_text()
+    code = _launch.kernel_source(source.name)
+    assert not re.search(r"^\s*#\s*include", code, re.MULTILINE)
+    assert "namespace qkv_common {" in code
 
 
 @needs_nvcc
 @pytest.mark.parametrize("source", KERNELS, ids=lambda p: p.name)
 def test_kernel_compiles_for_sm90(source: Path, tmp_path: Path) -> None:
     """ptxas runs too (-cubin), so malformed inline PTX fails here, not on the GPU."""
-    _nvcc(source, tmp_path / "k.cubin", "-cubin", *_config_options(source, 64, 64))
+    nvcc(source, tmp_path / "k.cubin", "-cubin", *_config_options(source, 64, 64))
 
 
 @needs_nvcc
@@ -90,7 +84,7 @@ def test_flash_configurations_compile(D: int, Dv: int, tmp_path: Path) -> None:
     """Every planned configuration compiles, and its static_asserts accept the host's
     shared-memory sizes (a disagreement is a compile error)."""
     source = _launch.KERNEL_DIR / "flash_fwd.cu"
-    _nvcc(source, tmp_path / "k.cubin", "-cubin", *_config_options(source, D, Dv))
+    nvcc(source, tmp_path / "k.cubin", "-cubin", *_config_options(source, D, Dv))
 
 
 @needs_nvcc
@@ -110,9 +104,8 @@ def test_wrong_shared_memory_size_fails_to_compile(tmp_path: Path) -> None:
 def _ptx_params(source: Path, tmp_path: Path) -> dict[str, list[str]]:
     """Each entry point's parameter types (``u64``, ``u32``, ``f32``...) from nvcc's PTX."""
     ptx = tmp_path / "k.ptx"
-    _nvcc(source, ptx, "--ptx", *_config_options(source, 64, 64))
-    entries = re.findall(r"\.entry\s+(\w+)\s*\(([^)]*)\)", ptx.read_text())
-    return {name: re.findall(r"\.param\s+\.(\w+)", params) for name, params in entries}
+    nvcc(source, ptx, "--ptx", *_config_options(source, 64, 64))
+    return ptx_params(ptx)
 
 
 def _ptx_type(arg: object) -> str:
@@ -185,9 +178,10 @@ def nvrtc() -> ctypes.CDLL:
 
 @pytest.mark.parametrize("source", KERNELS, ids=lambda p: p.name)
 def test_kernel_compiles_with_nvrtc(source: Path, nvrtc: ctypes.CDLL) -> None:
-    """The sources compile as CuPy compiles them: NVRTC, no include paths, the launcher's options."""
+    """The sources compile as CuPy compiles them: NVRTC, the launcher's text (common.cuh inlined)
+    and options, no include paths."""
     program = ctypes.c_void_p()
-    code = source.read_bytes()
+    code = _launch.kernel_source(source.name).encode()
     created = nvrtc.nvrtcCreateProgram(
         ctypes.byref(program), code, source.name.encode(), 0, None, None
     )

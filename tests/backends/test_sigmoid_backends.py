@@ -12,13 +12,10 @@
 from __future__ import annotations
 
 import os
-import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import needs_nvcc, nvcc, ptx_params
 
 from qkv import _checks, _dispatch, _outputs
 from qkv.backends import cupy as cupy_backend
@@ -235,27 +232,9 @@ def test_triton_kernel_matches_reference(case, device, alibi):
 
 # --------------------------------------------------------------------------- cupy
 
-NVCC = shutil.which("nvcc") or next(
-    (p for p in ("/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc") if Path(p).exists()), None
-)
-needs_nvcc = pytest.mark.skipif(
-    NVCC is None, reason="nvcc not found; the CUDA sources are not compiled here"
-)
 SOURCE = _launch.KERNEL_DIR / "sigmoid_fwd.cu"
 CUPY_OK, CUPY_WHY = cupy_backend.available()
 requires_gpu = pytest.mark.skipif(not CUPY_OK, reason=f"cupy backend: {CUPY_WHY}")
-
-
-def _nvcc(out: Path, *options: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [NVCC, "-arch=sm_90", "--std=c++17", *options, "-o", str(out), str(SOURCE)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if check:
-        assert result.returncode == 0, f"nvcc failed on {SOURCE.name}:\n{result.stderr}"
-    return result
 
 
 @needs_nvcc
@@ -263,22 +242,23 @@ def _nvcc(out: Path, *options: str, check: bool = True) -> subprocess.CompletedP
 def test_cupy_kernel_compiles_for_sm90(D, Dv, tmp_path):
     """Every planned configuration compiles (ptxas included), and its static_assert accepts
     the host's shared-memory size."""
-    _nvcc(tmp_path / "k.cubin", "-cubin", *_launch.tile_config(D, Dv).defines())
+    nvcc(SOURCE, tmp_path / "k.cubin", "-cubin", *_launch.tile_config(D, Dv).defines())
 
 
 @needs_nvcc
 def test_cupy_wrong_shared_memory_size_fails_to_compile(tmp_path):
     options = [d for d in _launch.tile_config(64, 64).defines() if "SIMT_SMEM" not in d]
-    result = _nvcc(tmp_path / "k.ptx", "--ptx", *options, "-DQKV_SIMT_SMEM=1024", check=False)
+    result = nvcc(
+        SOURCE, tmp_path / "k.ptx", "--ptx", *options, "-DQKV_SIMT_SMEM=1024", check=False
+    )
     assert result.returncode != 0 and "shared memory" in result.stderr
 
 
 @needs_nvcc
 def test_cupy_arguments_match_the_kernel_signature(tmp_path):
     ptx = tmp_path / "k.ptx"
-    _nvcc(ptx, "--ptx", *_launch.tile_config(64, 64).defines())
-    entries = re.findall(r"\.entry\s+(\w+)\s*\(([^)]*)\)", ptx.read_text())
-    params = {name: re.findall(r"\.param\s+\.(\w+)", body) for name, body in entries}
+    nvcc(SOURCE, ptx, "--ptx", *_launch.tile_config(64, 64).defines())
+    params = ptx_params(ptx)
 
     def ptx_type(arg):
         if isinstance(arg, np.ndarray) or arg is _launch.NULL:

@@ -177,3 +177,36 @@ def test_other_cases_take_the_torch_path():
     assert qg.grad is not None and torch.isfinite(qg.grad).all()
     out_b = flash(qb, kb, vb, causal=True)
     assert out_b.dtype == torch.bfloat16 and torch.isfinite(out_b).all()
+
+
+def test_launch_halves_the_larger_tile_until_the_kernel_fits():
+    """The shared launcher's OutOfResources retry: the larger tile (BLOCK_K on a tie) halves,
+    down to 16 each; grid and constexprs follow the tiles tried."""
+    from triton.runtime.errors import OutOfResources
+
+    from qkv.backends.torch.triton.flash import launch
+
+    tried = []
+
+    class Kernel:  # stands in for a @triton.jit function; fails above `limit` tile rows
+        def __init__(self, limit):
+            self.limit = limit
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                tried.append((grid, kw["BLOCK_Q"], kw["BLOCK_K"], kw["BLOCK_D"], kw["BLOCK_DV"]))
+                assert args == ("a", 1) and kw["CAUSAL"] is True and kw["PRECISION"] == "ieee"
+                if kw["BLOCK_Q"] + kw["BLOCK_K"] > self.limit:
+                    raise OutOfResources(1, 0, "shared memory")
+
+            return run
+
+    q = torch.zeros(2, 3, 100, 20)
+    launch(Kernel(48), q, 70, 40, ("a", 1), block_q=64, block_k=64, CAUSAL=True)
+    assert [t[1:3] for t in tried] == [(64, 64), (64, 32), (32, 32), (32, 16)]
+    assert [t[0] for t in tried] == [(2 * 6,)] * 2 + [(4 * 6,)] * 2
+    assert {t[3:] for t in tried} == {(32, 64)}
+    tried.clear()
+    with pytest.raises(OutOfResources):
+        launch(Kernel(0), q[:, :, :10], 5, 40, ("a", 1), block_q=16, block_k=16, CAUSAL=True)
+    assert [t[1:3] for t in tried] == [(16, 16)]

@@ -1,6 +1,7 @@
 """Host side of the CuPy kernels: tile configuration, launch geometry, argument packing, launch.
 
-The kernels live in ``kernels/*.cu`` and are compiled by NVRTC (through ``cupy.RawModule``) the
+The kernels live in ``kernels/*.cu``, with device helpers they share in ``kernels/common.cuh``
+(inlined by :func:`kernel_source`), and are compiled by NVRTC (through ``cupy.RawModule``) the
 first time a configuration is used; CuPy also caches the binaries on disk. Everything in this
 module except :func:`flash_forward`, :func:`rope_forward` and the compile cache is plain Python
 and NumPy, so the planning and packing logic is tested on machines without a GPU.
@@ -307,12 +308,20 @@ def rope_arguments(
 # --------------------------------------------------------------------------- on the GPU
 
 
+def kernel_source(source: str) -> str:
+    """The text of ``kernels/<source>`` as NVRTC compiles it: ``#include "common.cuh"`` replaced
+    by that header's text, so no include path is needed and CuPy's compile cache, which keys on
+    the source text, sees changes to the header."""
+    code = (KERNEL_DIR / source).read_text()
+    header = (KERNEL_DIR / "common.cuh").read_text()
+    return code.replace('#include "common.cuh"\n', header)
+
+
 @functools.cache
 def _module(source: str, defines: tuple[str, ...]) -> Any:
     import cupy
 
-    code = (KERNEL_DIR / source).read_text()
-    return cupy.RawModule(code=code, options=("--std=c++17", *defines))
+    return cupy.RawModule(code=kernel_source(source), options=("--std=c++17", *defines))
 
 
 @functools.cache

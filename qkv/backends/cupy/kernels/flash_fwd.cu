@@ -32,8 +32,9 @@
 //   QKV_MMA_SMEM, QKV_SIMT_SMEM  the dynamic shared memory (bytes) the host gives each kernel;
 //                     static_asserts below fail the compile if the host's sizes disagree
 //
-// fp16 data is handled as raw 16-bit words and converted with PTX cvt instructions, so the file
-// needs no header (NVRTC compiles it as is). Entry points are extern "C" for RawModule lookups.
+// fp16 data is handled as raw 16-bit words and converted with PTX cvt instructions (helpers in
+// common.cuh, which the launcher inlines for NVRTC). Entry points are extern "C" for RawModule
+// lookups.
 
 #ifndef QKV_HEAD_DIM
 #define QKV_HEAD_DIM 64
@@ -57,16 +58,19 @@
 #define QKV_SIMT_SMEM 66304
 #endif
 
+#include "common.cuh"
+
 namespace qkv {
 
-constexpr int kThreads = 128;
+using qkv_common::half_bits;
+using qkv_common::kThreads;
+using qkv_common::neg_inf;
+using qkv_common::SimtSmem;
+using qkv_common::store;
+
 constexpr int kMmaBlockQ = 64;  // 4 warps x 16 query rows
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-
-typedef unsigned short half_bits;  // an IEEE fp16 value, bit for bit
 
 // ------------------------------------------------------------------ PTX helpers
 
@@ -74,18 +78,6 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
     unsigned r;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
     return r;
-}
-
-__device__ __forceinline__ float half_to_float(half_bits h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ half_bits float_to_half(float f) {
-    half_bits h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
 }
 
 // Two floats as one fp16x2 register: `lo` in bits 0-15 (the lower column), `hi` in bits 16-31.
@@ -275,18 +267,13 @@ __device__ __forceinline__ void load_tile_float(float* dst, const float* src, lo
 
 // ------------------------------------------------------------------ epilogue
 
-__device__ __forceinline__ void store_value(half_bits* out, long long i, float x) {
-    out[i] = float_to_half(x);
-}
-__device__ __forceinline__ void store_value(float* out, long long i, float x) { out[i] = x; }
-
 // Store output element (row, col): to the final array, or to this split's fp32 partials.
 template <typename T>
 __device__ __forceinline__ void store_out(const Problem<T>& p, const Work& w, int row, int col,
                                           float value) {
     const long long r = (static_cast<long long>(w.b) * p.H + w.h) * p.N + row;
     if (p.splits == 1) {
-        store_value(p.out, r * p.Dv + col, value);
+        store(p.out, r * p.Dv + col, value);
     } else {
         p.part_out[(static_cast<long long>(w.split) * p.B * p.H * p.N + r) * p.Dv + col] = value;
     }
@@ -488,17 +475,6 @@ __device__ __forceinline__ void flash_fwd_mma(const Problem<half_bits>& p) {
 
 // ------------------------------------------------------------------ fp32: CUDA cores
 
-template <int DQK, int DV, int BM, int BN>
-struct SimtSmem {
-    static constexpr int pitch_qk = DQK + 1;  // odd pitch: rows fall in distinct banks
-    static constexpr int pitch_p = BN + 1;
-    static constexpr int q_elems = BM * pitch_qk;
-    static constexpr int k_elems = BN * pitch_qk;
-    static constexpr int v_elems = BN * DV;
-    static constexpr int p_elems = BM * pitch_p;
-    static constexpr unsigned bytes = 4u * (q_elems + k_elems + v_elems + p_elems);
-};
-
 // One block of 128 threads as a 16 x 8 grid (ty = tid / 8, tx = tid % 8). Thread (ty, tx)
 // computes scores for rows ty*TM .. ty*TM + TM - 1 and keys tx + 8c (c < TN), and outputs for
 // the same rows and value dims tx + 8c (c < DV / 8). A row's 8 threads are 8 consecutive lanes,
@@ -658,7 +634,7 @@ __device__ __forceinline__ void combine_row(const float* part_out, const float* 
         for (int s = 0; s < splits; ++s) {
             x += expf(part_lse[s * rows + row] - shift) * part_out[(s * rows + row) * Dv + c];
         }
-        store_value(out, row * Dv + c, x * inv);
+        store(out, row * Dv + c, x * inv);
     }
     if (threadIdx.x == 0) lse[row] = shift + logf(total);  // total = 0: -inf
 }

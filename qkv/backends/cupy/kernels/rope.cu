@@ -15,24 +15,19 @@
 // or nullptr for pos = offset + n. theta: float64 (D/2,), precomputed on the host.
 // One thread per rotation pair, grid-stride loop over B * H * N * D/2 pairs.
 
+#include "common.cuh"
+
 namespace qkv_rope {
 
-typedef unsigned short half_bits;  // an IEEE fp16 value, bit for bit
+using qkv_common::half_bits;
+using qkv_common::store;  // fp16 and fp32; the fp64 overload is below
 
 __device__ __forceinline__ float load(const half_bits* x, long long i) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x[i]));
-    return f;
+    return qkv_common::half_to_float(x[i]);
 }
 __device__ __forceinline__ float load(const float* x, long long i) { return x[i]; }
 __device__ __forceinline__ double load(const double* x, long long i) { return x[i]; }
 
-__device__ __forceinline__ void store(half_bits* x, long long i, float f) {
-    half_bits h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    x[i] = h;
-}
-__device__ __forceinline__ void store(float* x, long long i, float f) { x[i] = f; }
 __device__ __forceinline__ void store(double* x, long long i, double f) { x[i] = f; }
 
 // The rotation without contraction into FMAs: round each product, then the sum.

@@ -45,27 +45,18 @@
 #define QKV_SIMT_SMEM 66304
 #endif
 
+#include "common.cuh"
+
 namespace qkv_sigmoid {
 
-constexpr int kThreads = 128;
-
-typedef unsigned short half_bits;  // an IEEE fp16 value, bit for bit
-
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(half_bits h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ void store(float* out, long long i, float x) { out[i] = x; }
-__device__ __forceinline__ void store(half_bits* out, long long i, float x) {
-    half_bits h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
-    out[i] = h;
-}
+using qkv_common::half_bits;
+using qkv_common::kThreads;
+using qkv_common::load_tile;
+using qkv_common::neg_inf;
+using qkv_common::require_simt_launch;
+using qkv_common::SimtSmem;
+using qkv_common::store;
+using qkv_common::to_float;
 
 template <typename T>
 struct Problem {
@@ -83,30 +74,6 @@ struct Problem {
     float scale, bias;
     int causal;
 };
-
-// Shared memory in fp32 elements: Q and K with an odd pitch (rows in distinct banks), V, and P.
-template <int DQK, int DV, int BM, int BN>
-struct Smem {
-    static constexpr int pitch_qk = DQK + 1;
-    static constexpr int pitch_p = BN + 1;
-    static constexpr int q_elems = BM * pitch_qk;
-    static constexpr int k_elems = BN * pitch_qk;
-    static constexpr int v_elems = BN * DV;
-    static constexpr int p_elems = BM * pitch_p;
-    static constexpr unsigned bytes = 4u * (q_elems + k_elems + v_elems + p_elems);
-};
-
-// Rows [row0, row0 + ROWS) x columns [0, COLS) of a (nrows, ncols) matrix with row stride
-// `stride`, widened to fp32, into shared memory with row pitch PITCH; zeros outside the matrix.
-template <int ROWS, int COLS, int PITCH, typename T>
-__device__ __forceinline__ void load_tile(float* dst, const T* src, long long stride, int row0,
-                                          int nrows, int ncols) {
-    for (int i = threadIdx.x; i < ROWS * COLS; i += kThreads) {
-        const int r = i / COLS, c = i % COLS;
-        const bool inside = row0 + r < nrows && c < ncols;
-        dst[r * PITCH + c] = inside ? to_float(src[(row0 + r) * stride + c]) : 0.f;
-    }
-}
 
 // sigmoid(x) = 1 / (1 + e^-x) as z / (1 + z) or 1 / (1 + z), z = e^-|x| <= 1: no overflow,
 // sigmoid(-inf) = 0 exactly, NaN stays NaN.
@@ -135,15 +102,13 @@ template <typename T, int DQK, int DV, int BM, int BN>
 __device__ __forceinline__ void sigmoid_fwd(const Problem<T>& p) {
     static_assert(BM % 16 == 0 && BN % 8 == 0 && DV % 8 == 0, "tile sizes");
     constexpr int TM = BM / 16, TN = BN / 8, TV = DV / 8;
-    typedef Smem<DQK, DV, BM, BN> L;
+    typedef SimtSmem<DQK, DV, BM, BN> L;
     extern __shared__ __align__(16) unsigned char smem[];
     float* sq = reinterpret_cast<float*>(smem);
     float* sk = sq + L::q_elems;
     float* sv = sk + L::k_elems;
     float* sp = sv + L::v_elems;
-    unsigned given;
-    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(given));
-    if (given < L::bytes || blockDim.x != kThreads) asm volatile("trap;");
+    require_simt_launch(L::bytes);
 
     const int n_qtiles = (p.N + BM - 1) / BM;
     const int q0 = (n_qtiles - 1 - static_cast<int>(blockIdx.x)) * BM;
@@ -236,7 +201,7 @@ __device__ __forceinline__ void sigmoid_fwd(const Problem<T>& p) {
     {q,    k,    v,    mask, slopes, out,  B,    H,    Hkv,  N,     M,    D,     Dv, q_sb, q_sh, \
      q_sn, k_sb, k_sh, k_sm, v_sb,   v_sh, v_sm, m_sb, m_sh, m_sn, m_sm, scale, bias, causal}
 
-static_assert(qkv_sigmoid::Smem<QKV_HEAD_DIM, QKV_VALUE_DIM, QKV_SIMT_BLOCK_Q,
+static_assert(qkv_sigmoid::SimtSmem<QKV_HEAD_DIM, QKV_VALUE_DIM, QKV_SIMT_BLOCK_Q,
                                 QKV_SIMT_BLOCK_K>::bytes == QKV_SIMT_SMEM,
               "host and kernel disagree on the sigmoid kernel's shared memory");
 

@@ -49,28 +49,20 @@
 #define QKV_SIMT_SMEM 66304
 #endif
 
+#include "common.cuh"
+
 namespace qkv_tensor {
 
-constexpr int kThreads = 128;
+using qkv_common::half_bits;
+using qkv_common::kThreads;
+using qkv_common::load_tile;
+using qkv_common::neg_inf;
+using qkv_common::require_simt_launch;
+using qkv_common::SimtSmem;
+using qkv_common::store;
+using qkv_common::to_float;
+
 constexpr unsigned kFullWarp = 0xffffffffu;
-
-typedef unsigned short half_bits;  // an IEEE fp16 value, bit for bit
-
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(half_bits h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ void store(float* out, long long i, float x) { out[i] = x; }
-__device__ __forceinline__ void store(half_bits* out, long long i, float x) {
-    half_bits h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
-    out[i] = h;
-}
 
 template <typename T>
 struct Problem {
@@ -89,30 +81,6 @@ struct Problem {
     float scale_log2;  // scale * log2(e)
 };
 
-// Shared memory in fp32 elements: Q and K2 with an odd pitch (rows in distinct banks), V2, and P.
-template <int DQK, int DV, int BM, int BN>
-struct Smem {
-    static constexpr int pitch_qk = DQK + 1;
-    static constexpr int pitch_p = BN + 1;
-    static constexpr int q_elems = BM * pitch_qk;
-    static constexpr int k_elems = BN * pitch_qk;
-    static constexpr int v_elems = BN * DV;
-    static constexpr int p_elems = BM * pitch_p;
-    static constexpr unsigned bytes = 4u * (q_elems + k_elems + v_elems + p_elems);
-};
-
-// Rows [row0, row0 + ROWS) x columns [0, COLS) of a (nrows, ncols) matrix with row stride
-// `stride`, widened to fp32, into shared memory with row pitch PITCH; zeros outside the matrix.
-template <int ROWS, int COLS, int PITCH, typename T>
-__device__ __forceinline__ void load_tile(float* dst, const T* src, long long stride, int row0,
-                                          int nrows, int ncols) {
-    for (int i = threadIdx.x; i < ROWS * COLS; i += kThreads) {
-        const int r = i / COLS, c = i % COLS;
-        const bool inside = row0 + r < nrows && c < ncols;
-        dst[r * PITCH + c] = inside ? to_float(src[(row0 + r) * stride + c]) : 0.f;
-    }
-}
-
 // Max and sum over the 8 lanes of one row (consecutive lanes 8t .. 8t + 7 of a warp).
 __device__ __forceinline__ float row_max(float x) {
 #pragma unroll
@@ -130,15 +98,13 @@ template <typename T, int DQK, int DV, int BM, int BN>
 __device__ __forceinline__ void tensor_fwd(const Problem<T>& p) {
     static_assert(BM % 16 == 0 && BN % 8 == 0 && DV % 8 == 0, "tile sizes");
     constexpr int TM = BM / 16, TN = BN / 8, TV = DV / 8;
-    typedef Smem<DQK, DV, BM, BN> L;
+    typedef SimtSmem<DQK, DV, BM, BN> L;
     extern __shared__ __align__(16) unsigned char smem[];
     float* sq = reinterpret_cast<float*>(smem);
     float* sk = sq + L::q_elems;
     float* sv = sk + L::k_elems;
     float* sp = sv + L::v_elems;
-    unsigned given;
-    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(given));
-    if (given < L::bytes || blockDim.x != kThreads) asm volatile("trap;");
+    require_simt_launch(L::bytes);
 
     const int q0 = static_cast<int>(blockIdx.x) * BM;
     const int h = blockIdx.y, b = blockIdx.z, hk = h / (p.H / p.Hkv);
@@ -272,7 +238,7 @@ __device__ __forceinline__ void tensor_fwd(const Problem<T>& p) {
      D,     Dv,    q_sb,  q_sh,  q_sn,  k1_sb, k1_sh, k1_sm, k2_sb, k2_sh, k2_sm,               \
      v1_sb, v1_sh, v1_sm, v2_sb, v2_sh, v2_sm, scale_log2}
 
-static_assert(qkv_tensor::Smem<QKV_HEAD_DIM, QKV_VALUE_DIM, QKV_SIMT_BLOCK_Q,
+static_assert(qkv_tensor::SimtSmem<QKV_HEAD_DIM, QKV_VALUE_DIM, QKV_SIMT_BLOCK_Q,
                                QKV_SIMT_BLOCK_K>::bytes == QKV_SIMT_SMEM,
               "host and kernel disagree on the tensor kernel's shared memory");
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import triton
 import triton.language as tl
@@ -34,6 +34,8 @@ import triton.language as tl
 from qkv import _outputs
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
 
 #: Shared-memory budget (bytes) the GPU tile choice aims under; the launch halves tiles further
@@ -148,11 +150,16 @@ def _flash_forward_kernel(
     tl.store(lse_ptr + o_rows, lse, mask=row_ok)
 
 
-def interpreted() -> bool:
-    """Whether the kernel runs under the Triton interpreter (decided when triton decorated it)."""
+def runs_interpreted(kernel: Any) -> bool:
+    """Whether ``kernel`` runs under the Triton interpreter (decided when triton decorated it)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_flash_forward_kernel, InterpretedFunction)
+    return isinstance(kernel, InterpretedFunction)
+
+
+def interpreted() -> bool:
+    """Whether the kernel runs under the Triton interpreter (decided when triton decorated it)."""
+    return runs_interpreted(_flash_forward_kernel)
 
 
 def _pow2(n: int) -> int:
@@ -192,6 +199,59 @@ def tile_sizes(
     return bq, bk
 
 
+def launch(
+    kernel: Any,
+    q: torch.Tensor,
+    n_keys: int,
+    value_dim: int,
+    args: Sequence[Any],
+    *,
+    block_q: int,
+    block_k: int,
+    **constexprs: Any,
+) -> None:
+    """Launch one of this package's forward kernels over the query tiles of ``q (B, H, N, D)``.
+
+    The shared launcher of the flash, sigmoid and tensor kernels: one program per
+    ``(b, h, query tile)``, so the grid is ``ceil(N / BLOCK_Q) * B * H``. ``args`` are the
+    kernel's positional arguments and ``constexprs`` its constexpr keywords other than the
+    ones chosen here: ``BLOCK_Q`` and ``BLOCK_K`` by :func:`tile_sizes` (``n_keys`` keys),
+    ``BLOCK_D`` and ``BLOCK_DV`` (``D`` and ``value_dim`` padded by :func:`_pow2`) and
+    ``PRECISION`` (``ieee`` for float32, else ``tf32``, which only float32 operands use). If
+    triton reports that a configuration needs more resources than the GPU has, the larger of
+    the two tiles (``BLOCK_K`` on a tie) is halved and the launch retried, down to
+    ``MIN_TILE`` each.
+    """
+    import torch
+    from triton.runtime.errors import OutOfResources
+
+    B, H, N, D = q.shape
+    d_pad, dv_pad = _pow2(D), _pow2(value_dim)
+    gpu = q.device.type == "cuda" and not runs_interpreted(kernel)
+    bq, bk = tile_sizes(block_q, block_k, N, n_keys, d_pad, dv_pad, q.element_size(), gpu)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # only float32 operands use it
+    while True:
+        try:
+            with torch.cuda.device(q.device) if gpu else contextlib.nullcontext():
+                kernel[(triton.cdiv(N, bq) * B * H,)](
+                    *args,
+                    **constexprs,
+                    BLOCK_Q=bq,
+                    BLOCK_K=bk,
+                    BLOCK_D=d_pad,
+                    BLOCK_DV=dv_pad,
+                    PRECISION=precision,
+                    num_warps=8 if bq * dv_pad >= 64 * 128 else 4,
+                    num_stages=2,
+                )
+        except OutOfResources:  # the tile estimate fell short on this GPU: halve and retry
+            if bq == bk == MIN_TILE:
+                raise
+            bk, bq = (bk // 2, bq) if bk >= bq else (bk, bq // 2)
+        else:
+            return
+
+
 def flash_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -218,31 +278,18 @@ def flash_forward(
         contiguous and allocated with :func:`qkv._outputs.empty`.
     """
     import torch
-    from triton.runtime.errors import OutOfResources
 
     B, H, N, D = q.shape
     Hkv, M, Dv = k.shape[1], k.shape[2], v.shape[3]
     out = _outputs.empty((B, H, N, Dv), like=q)
     lse = _outputs.empty((B, H, N), like=q, dtype=torch.float32)
-    d_pad, dv_pad = _pow2(D), _pow2(Dv)
-    gpu = q.device.type == "cuda" and not interpreted()
-    bq, bk = tile_sizes(block_q, block_k, N, M, d_pad, dv_pad, q.element_size(), gpu)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # only float32 operands use it
-    while True:
-        try:
-            with torch.cuda.device(q.device) if gpu else contextlib.nullcontext():
-                _flash_forward_kernel[(triton.cdiv(N, bq) * B * H,)](
-                    q, k, v, out, lse,
-                    *q.stride(), *k.stride(), *v.stride(),
-                    H, H // Hkv, N, M, D, Dv, scale * math.log2(math.e),
-                    CAUSAL=bool(causal), BLOCK_Q=bq, BLOCK_K=bk, BLOCK_D=d_pad,
-                    BLOCK_DV=dv_pad, PRECISION=precision,
-                    num_warps=8 if bq * dv_pad >= 64 * 128 else 4,
-                    num_stages=2,
-                )  # fmt: skip
-        except OutOfResources:  # the tile estimate fell short on this GPU: halve and retry
-            if bq == bk == MIN_TILE:
-                raise
-            bk, bq = (bk // 2, bq) if bk >= bq else (bk, bq // 2)
-        else:
-            return out, lse
+    args = (
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(),
+        H, H // Hkv, N, M, D, Dv, scale * math.log2(math.e),
+    )  # fmt: skip
+    launch(
+        _flash_forward_kernel, q, M, Dv, args,
+        block_q=block_q, block_k=block_k, CAUSAL=bool(causal),
+    )  # fmt: skip
+    return out, lse

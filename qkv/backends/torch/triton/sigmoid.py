@@ -21,14 +21,13 @@ This module imports triton; import it only when the kernel is about to run.
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING
 
 import triton
 import triton.language as tl
 
 from qkv import _outputs
-from qkv.backends.torch.triton.flash import MIN_TILE, _pow2, tile_sizes
+from qkv.backends.torch.triton.flash import launch, runs_interpreted
 
 if TYPE_CHECKING:
     import torch
@@ -136,9 +135,7 @@ def _sigmoid_forward_kernel(
 
 def interpreted() -> bool:
     """Whether the kernel runs under the Triton interpreter (decided when triton decorated it)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_sigmoid_forward_kernel, InterpretedFunction)
+    return runs_interpreted(_sigmoid_forward_kernel)
 
 
 def sigmoid_forward(
@@ -171,7 +168,6 @@ def sigmoid_forward(
         :func:`qkv._outputs.empty`.
     """
     import torch
-    from triton.runtime.errors import OutOfResources
 
     from qkv.reference.core import alibi_slopes
 
@@ -179,25 +175,13 @@ def sigmoid_forward(
     Hkv, M, Dv = k.shape[1], k.shape[2], v.shape[3]
     out = _outputs.empty((B, H, N, Dv), like=q)
     slopes = torch.from_numpy(alibi_slopes(H)).to(q.device, torch.float32) if alibi else out
-    d_pad, dv_pad = _pow2(D), _pow2(Dv)
-    gpu = q.device.type == "cuda" and not interpreted()
-    bq, bk = tile_sizes(block_q, block_k, N, M, d_pad, dv_pad, q.element_size(), gpu)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # only float32 operands use it
-    while True:
-        try:
-            with torch.cuda.device(q.device) if gpu else contextlib.nullcontext():
-                _sigmoid_forward_kernel[(triton.cdiv(N, bq) * B * H,)](
-                    q, k, v, out, slopes,
-                    *q.stride(), *k.stride(), *v.stride(),
-                    H, H // Hkv, N, M, D, Dv, float(scale), float(bias),
-                    CAUSAL=bool(causal), ALIBI=bool(alibi), BLOCK_Q=bq, BLOCK_K=bk,
-                    BLOCK_D=d_pad, BLOCK_DV=dv_pad, PRECISION=precision,
-                    num_warps=8 if bq * dv_pad >= 64 * 128 else 4,
-                    num_stages=2,
-                )  # fmt: skip
-        except OutOfResources:  # the tile estimate fell short on this GPU: halve and retry
-            if bq == bk == MIN_TILE:
-                raise
-            bk, bq = (bk // 2, bq) if bk >= bq else (bk, bq // 2)
-        else:
-            return out
+    args = (
+        q, k, v, out, slopes,
+        *q.stride(), *k.stride(), *v.stride(),
+        H, H // Hkv, N, M, D, Dv, float(scale), float(bias),
+    )  # fmt: skip
+    launch(
+        _sigmoid_forward_kernel, q, M, Dv, args,
+        block_q=block_q, block_k=block_k, CAUSAL=bool(causal), ALIBI=bool(alibi),
+    )  # fmt: skip
+    return out

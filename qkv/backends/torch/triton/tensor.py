@@ -31,7 +31,6 @@ This module imports triton; import it only when the kernel is about to run.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import TYPE_CHECKING
 
@@ -39,7 +38,7 @@ import triton
 import triton.language as tl
 
 from qkv import _outputs
-from qkv.backends.torch.triton.flash import MIN_TILE, _pow2, tile_sizes
+from qkv.backends.torch.triton.flash import launch, runs_interpreted
 
 if TYPE_CHECKING:
     import torch
@@ -155,9 +154,7 @@ def _tensor_forward_kernel(
 
 def interpreted() -> bool:
     """Whether the kernel runs under the Triton interpreter (decided when triton decorated it)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_tensor_forward_kernel, InterpretedFunction)
+    return runs_interpreted(_tensor_forward_kernel)
 
 
 def tensor_forward(
@@ -186,31 +183,13 @@ def tensor_forward(
         ``O (B, H, N, Dv)`` in the dtype of ``q``, contiguous, allocated with
         :func:`qkv._outputs.empty`.
     """
-    import torch
-    from triton.runtime.errors import OutOfResources
-
     B, H, N, D = q.shape
     Hkv, M, Dv = k1.shape[1], k1.shape[2], v1.shape[3]
     out = _outputs.empty((B, H, N, Dv), like=q)
-    d_pad, dv_pad = _pow2(D), _pow2(Dv)
-    gpu = q.device.type == "cuda" and not interpreted()
-    bq, bk = tile_sizes(block_q, block_k, N, M, d_pad, dv_pad, q.element_size(), gpu)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # only float32 operands use it
-    while True:
-        try:
-            with torch.cuda.device(q.device) if gpu else contextlib.nullcontext():
-                _tensor_forward_kernel[(triton.cdiv(N, bq) * B * H,)](
-                    q, k1, k2, v1, v2, out,
-                    *q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(),
-                    H, H // Hkv, N, M, D, Dv, float(scale) * math.log2(math.e),
-                    BLOCK_Q=bq, BLOCK_K=bk, BLOCK_D=d_pad, BLOCK_DV=dv_pad,
-                    PRECISION=precision,
-                    num_warps=8 if bq * dv_pad >= 64 * 128 else 4,
-                    num_stages=2,
-                )  # fmt: skip
-        except OutOfResources:  # the tile estimate fell short on this GPU: halve and retry
-            if bq == bk == MIN_TILE:
-                raise
-            bk, bq = (bk // 2, bq) if bk >= bq else (bk, bq // 2)
-        else:
-            return out
+    args = (
+        q, k1, k2, v1, v2, out,
+        *q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(),
+        H, H // Hkv, N, M, D, Dv, float(scale) * math.log2(math.e),
+    )  # fmt: skip
+    launch(_tensor_forward_kernel, q, M, Dv, args, block_q=block_q, block_k=block_k)
+    return out

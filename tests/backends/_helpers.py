@@ -1,0 +1,42 @@
+"""Helpers shared by the backend tests that compile the CuPy kernels with nvcc.
+
+The test modules import them as ``from _helpers import ...``: this folder has no
+``__init__.py``, so pytest's default ``prepend`` import mode puts it on ``sys.path`` before it
+imports a test module from it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+NVCC = shutil.which("nvcc") or next(
+    (p for p in ("/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc") if Path(p).exists()), None
+)
+needs_nvcc = pytest.mark.skipif(
+    NVCC is None, reason="nvcc not found; the CUDA sources are not compiled here"
+)
+
+
+def nvcc(source: Path, out: Path, *options: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``nvcc -arch=sm_90 --std=c++17 <options> -o out source``; with ``check``, assert that it
+    compiled (nvcc's messages in the failure)."""
+    result = subprocess.run(
+        [NVCC, "-arch=sm_90", "--std=c++17", *options, "-o", str(out), str(source)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if check:
+        assert result.returncode == 0, f"nvcc failed on {source.name}:\n{result.stderr}"
+    return result
+
+
+def ptx_params(ptx: Path) -> dict[str, list[str]]:
+    """Each entry point's parameter types (``u64``, ``u32``, ``f32``...) in a PTX file."""
+    entries = re.findall(r"\.entry\s+(\w+)\s*\(([^)]*)\)", ptx.read_text())
+    return {name: re.findall(r"\.param\s+\.(\w+)", params) for name, params in entries}
