@@ -223,3 +223,12 @@ def test_logits_are_for_the_sum_mixture_only():
         gaussian(x, o, c, np.zeros((2, 3)))
     with pytest.raises(ShapeError, match="logits"):
         gaussian(x, o, c, np.zeros((2, 4)), mixture="sum")
+
+
+def test_a_non_finite_entry_reaches_only_its_heads_slice():
+    x = np.ones((2, 8))
+    x[0, 1] = np.inf
+    out = gaussian(x, np.zeros((2, 2)), np.ones((2, 2)))
+    expected = np.zeros((2, 8), dtype=bool)
+    expected[0, :4] = True  # row 0, head 0 (entries 0-3)
+    np.testing.assert_array_equal(np.isnan(out), expected)

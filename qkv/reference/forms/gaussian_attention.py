@@ -47,7 +47,8 @@ no NaN whatever the offsets. (The statistics are computed on $x_j - x_1$, which 
 $y_{ij}$ unchanged and makes the centred entries of a constant slice exact zeros, so that this
 holds in float32 too; it also spares the variance a cancellation when the slice sits far from
 0.) A head of one entry ($n = 1$) has no unbiased variance (torch
-returns NaN); it is taken as 0 here, so that entry's weight is 1.
+returns NaN); it is taken as 0 here, so that entry's weight is 1. An infinite or NaN entry of
+$x$ makes the weights and outputs of its head's slice NaN (and only those).
 
 **Invariances.** $y_{ij}$ is unchanged by adding a constant to the slice (whatever the offsets),
 so the weights are shift invariant; with zero offsets they are also invariant to multiplying the
@@ -248,16 +249,20 @@ def gaussian(
         log_pi = a - a.max(axis=-1, keepdims=True)  # (H, G)
         log_pi = log_pi - np.log(np.exp(log_pi).sum(axis=-1, keepdims=True))  # log softmax
     weights = np.empty_like(xm)  # (..., L)
-    for h, (start, stop) in enumerate(head_bounds(xm.shape[-1], delta.shape[0])):
-        # Statistics of x_j - x_1: the same y (shift invariance), exact zeros for a constant slice.
-        chunk = xm[..., start:stop] - xm[..., start : start + 1]  # (..., n)
-        n = stop - start
-        mean = chunk.mean(axis=-1, keepdims=True)  # (..., 1)
-        var = ((chunk - mean) ** 2).sum(axis=-1, keepdims=True) / max(n - 1, 1) + work(eps)
-        y = (chunk[..., None] - mean[..., None] - delta[h]) / np.sqrt(var)[..., None]  # (..., n, G)
-        logit = _log_mixture(y, c[h], None if log_pi is None else log_pi[h])  # (..., n)
-        p = np.exp(logit - logit.max(axis=-1, keepdims=True))  # (..., n), max entry 1
-        weights[..., start:stop] = p / p.sum(axis=-1, keepdims=True)
+    # A non-finite slice turns NaN (inf - inf and the like): documented, so not warned about.
+    with np.errstate(invalid="ignore"):
+        for h, (start, stop) in enumerate(head_bounds(xm.shape[-1], delta.shape[0])):
+            # Statistics of x_j - x_1: the same y (shift invariance), exact zeros for a constant slice.
+            chunk = xm[..., start:stop] - xm[..., start : start + 1]  # (..., n)
+            n = stop - start
+            mean = chunk.mean(axis=-1, keepdims=True)  # (..., 1)
+            var = ((chunk - mean) ** 2).sum(axis=-1, keepdims=True) / max(n - 1, 1) + work(eps)
+            y = (chunk[..., None] - mean[..., None] - delta[h]) / np.sqrt(var)[
+                ..., None
+            ]  # (..., n, G)
+            logit = _log_mixture(y, c[h], None if log_pi is None else log_pi[h])  # (..., n)
+            p = np.exp(logit - logit.max(axis=-1, keepdims=True))  # (..., n), max entry 1
+            weights[..., start:stop] = p / p.sum(axis=-1, keepdims=True)
     out = np.moveaxis(xm * weights, -1, axis).astype(x.dtype, copy=False)  # shape of x
     if not return_weights:
         return out
