@@ -452,41 +452,44 @@ def rope_forward(x: Any, *, positions: Any | None, offset: int, base: float, pai
 
 
 @dataclass(frozen=True)
-class SigmoidPlan:
-    """How one sigmoid-attention call is launched (``sigmoid_fwd.cu``).
+class SimtPlan:
+    """How one call of a fp32-arithmetic (SIMT) kernel is launched (``sigmoid_fwd.cu``,
+    ``tensor_fwd.cu``).
 
     ``grid = (n_qtiles, H, B)`` blocks of ``THREADS`` threads with ``smem`` bytes of dynamic
-    shared memory; block ``x`` handles query tile ``n_qtiles - 1 - x`` against all the keys it
-    may see. The tiles are the fp32 (SIMT) tiles of :func:`tile_config`, for fp16 inputs too.
+    shared memory; each block handles one query tile (sigmoid: against every key it may see,
+    costliest tile first; tensor: against all ``M**2`` key pairs). The tiles and the
+    shared-memory layout are the fp32 (SIMT) ones of :func:`tile_config`, for fp16 inputs too.
     """
 
     kernel: str
     config: TileConfig
-    block_q: int
     smem: int
     grid: tuple[int, int, int]
 
 
-def plan_sigmoid(dims: _checks.AttentionDims, element: str, *, smem_limit: int) -> SigmoidPlan:
-    """Tiles and grid for ``qkv_sigmoid_fwd_<element>``; ``Unsupported`` for head dims over 256,
+def plan_simt(name: str, dims: _checks.AttentionDims, element: str, *, smem_limit: int) -> SimtPlan:
+    """Tiles and grid for ``qkv_<name>_fwd_<element>``; ``Unsupported`` for head dims over 256,
     tiles beyond the device's shared memory or sizes beyond the grid's limits."""
     B, H, _, N, M, D, Dv = dims
     config = tile_config(D, Dv)
     if config.simt_smem > smem_limit:
         raise Unsupported(
-            f"the sigmoid kernel for D={D}, Dv={Dv} needs {config.simt_smem} bytes of shared "
+            f"the {name} kernel for D={D}, Dv={Dv} needs {config.simt_smem} bytes of shared "
             f"memory per block and this GPU allows {smem_limit}"
         )
-    n_qtiles = -(-N // config.simt_block_q)
     if H > 65535 or B > 65535 or max(N, M) >= 2**31 - config.simt_block_k:
         raise Unsupported(f"sizes beyond the CUDA grid's limits (B={B}, H={H}, N={N}, M={M})")
-    return SigmoidPlan(
-        kernel=f"qkv_sigmoid_fwd_{element}",
+    return SimtPlan(
+        kernel=f"qkv_{name}_fwd_{element}",
         config=config,
-        block_q=config.simt_block_q,
         smem=config.simt_smem,
-        grid=(n_qtiles, H, B),
+        grid=(-(-N // config.simt_block_q), H, B),
     )
+
+
+plan_sigmoid = functools.partial(plan_simt, "sigmoid")
+plan_tensor = functools.partial(plan_simt, "tensor")
 
 
 def sigmoid_arguments(
@@ -579,42 +582,6 @@ def sigmoid_forward(
 
 
 # --------------------------------------------------------------------------- tensor attention
-
-
-@dataclass(frozen=True)
-class TensorPlan:
-    """How one tensor-attention call is launched (``tensor_fwd.cu``).
-
-    ``grid = (n_qtiles, H, B)`` blocks of ``THREADS`` threads with ``smem`` bytes of dynamic
-    shared memory; block ``x`` handles query tile ``x`` against all ``M**2`` key pairs. The
-    tiles (queries x second keys) and the shared-memory layout are the fp32 (SIMT) ones of
-    :func:`tile_config`, for fp16 inputs too.
-    """
-
-    kernel: str
-    config: TileConfig
-    smem: int
-    grid: tuple[int, int, int]
-
-
-def plan_tensor(dims: _checks.AttentionDims, element: str, *, smem_limit: int) -> TensorPlan:
-    """Tiles and grid for ``qkv_tensor_fwd_<element>``; ``Unsupported`` for head dims over 256,
-    tiles beyond the device's shared memory or sizes beyond the grid's limits."""
-    B, H, _, N, M, D, Dv = dims
-    config = tile_config(D, Dv)
-    if config.simt_smem > smem_limit:
-        raise Unsupported(
-            f"the tensor kernel for D={D}, Dv={Dv} needs {config.simt_smem} bytes of shared "
-            f"memory per block and this GPU allows {smem_limit}"
-        )
-    if H > 65535 or B > 65535 or max(N, M) >= 2**31 - config.simt_block_k:
-        raise Unsupported(f"sizes beyond the CUDA grid's limits (B={B}, H={H}, N={N}, M={M})")
-    return TensorPlan(
-        kernel=f"qkv_tensor_fwd_{element}",
-        config=config,
-        smem=config.simt_smem,
-        grid=(-(-N // config.simt_block_q), H, B),
-    )
 
 
 def tensor_arguments(
