@@ -31,26 +31,52 @@ log = logging.getLogger("mkdocs.hooks.qkv")
 ROOT = _notebooks.ROOT
 RESULTS = ROOT / "benchmarks" / "results"
 
+#: The catalog families, in the order their API pages appear.
+FAMILIES = (
+    "forms",
+    "heads",
+    "positions",
+    "local",
+    "kv",
+    "sparse",
+    "retrieval",
+    "recsys",
+    "analysis",
+)
+
+
+def _family_modules() -> list[str]:
+    """Every module of each family package under ``qkv/reference`` (one per paper), sorted."""
+    modules = []
+    for family in FAMILIES:
+        package = ROOT / "qkv" / "reference" / family
+        if package.is_dir():
+            modules += [
+                f"qkv.reference.{family}.{path.stem}"
+                for path in sorted(package.glob("*.py"))
+                if not path.stem.startswith("_")
+            ]
+    return modules
+
+
+def _lab_modules() -> list[str]:
+    """The public modules of :mod:`qkv.lab`, sorted."""
+    return [
+        f"qkv.lab.{path.stem}"
+        for path in sorted((ROOT / "qkv" / "lab").glob("*.py"))
+        if not path.stem.startswith("_")
+    ]
+
+
 #: (title, module, extra mkdocstrings options) of the API pages, in nav order.
 API = (
     ("qkv", "qkv", {"force_inspection": True, "show_source": False, "filters": "public"}),
     ("qkv.reference.core", "qkv.reference.core", {}),
-    *(
-        (f"qkv.reference.forms.{name}", f"qkv.reference.forms.{name}", {})
-        for name in (
-            "sigmoid_attention",
-            "selective_attention",
-            "agent_attention",
-            "gaussian_attention",
-            "tensor_attention",
-            "ffnified_mixer",
-            "icl_attention",
-        )
-    ),
+    *((module, module, {}) for module in _family_modules()),
     ("qkv.errors", "qkv.errors", {"show_source": False}),
     ("qkv.catalog", "qkv.catalog", {}),
     ("qkv.testing", "qkv.testing", {}),
-    ("qkv.lab.minilm", "qkv.lab.minilm", {}),
+    *((module, module, {}) for module in _lab_modules()),
 )
 
 _state: dict[str, object] = {}

@@ -186,5 +186,17 @@ register(
     ),
 )
 
-# The families' ops register their specs when their modules are imported.
-from qkv.testing import ops_gaussian, ops_sigmoid, ops_tensor  # noqa: E402, F401
+
+def _register_families() -> None:
+    """Import every ``qkv.testing.ops_*`` module: each registers its family's specs."""
+    import importlib
+    import pkgutil
+
+    import qkv.testing
+
+    for module in pkgutil.iter_modules(qkv.testing.__path__):
+        if module.name.startswith("ops_"):
+            importlib.import_module(f"qkv.testing.{module.name}")
+
+
+_register_families()
