@@ -17,12 +17,20 @@ absolute difference from torch SDPA's output, a cheap check that the timed kerne
 same thing. Results go to JSON (``--out``; ``$OUT/gpu.json`` when ``OUT`` is set, else
 ``benchmarks/results/gpu.json``) and a table is printed at the end. Exit status 1 if any qkv
 kernel failed (raised, or disagreed with SDPA beyond the tolerance).
+
+A second section times neighborhood attention (``qkv.neighborhood``; 1-D window 13 and 2-D
+window 7 x 7, fp16 and fp32): the Triton kernel (``backend="torch"``) and the CuPy kernel
+(``backend="cupy"``) against full attention under the neighbour mask (torch SDPA with a boolean
+``(N, N)`` mask, only where that mask fits: up to 16k tokens). It gets its own share of the time
+budget (``--neighborhood-budget-s``, taken out of ``--budget-s``), checks each kernel against
+the torch backend's float32 gather form, and lands under ``"neighborhood"`` in the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -230,6 +238,160 @@ def print_table(results: list[Result]) -> None:
     Console(width=200).print(table)
 
 
+# --------------------------------------------------------------------------- neighborhood attention
+
+NA_IMPLS = ("cupy", "triton", "sdpa+mask")
+#: Largest token count given an (N, N) boolean mask (256 MB).
+NA_MASK_MAX_TOKENS = 16384
+
+
+@dataclass(frozen=True)
+class NACase:
+    """One neighborhood-attention problem: ``q, k, v (B, H, *spatial, D)``, one kernel size."""
+
+    dtype: str
+    B: int
+    H: int
+    spatial: tuple[int, ...]
+    kernel: int
+    D: int
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.spatial)
+
+    @property
+    def label(self) -> str:
+        grid = "x".join(map(str, self.spatial))
+        window = "x".join([str(self.kernel)] * len(self.spatial))
+        return f"B={self.B} H={self.H} grid={grid} kernel={window} D={self.D}"
+
+
+@dataclass
+class NAResult:
+    case: NACase
+    impl: str
+    status: str = "ok"
+    ms: float | None = None
+    vs_masked: float | None = None  # masked SDPA time / this time (> 1: faster)
+    max_abs_diff: float | None = None  # against the torch backend's float32 gather form
+
+
+def neighborhood_cases(quick: bool) -> list[NACase]:
+    """1-D (window 13) and 2-D (window 7 x 7) grids from 4k to 64k tokens, fp16 then fp32."""
+    lengths = (4096, 16384) if quick else (4096, 16384, 65536)
+    sides = (64, 128) if quick else (64, 128, 256)
+    grid: list[NACase] = []
+    for dtype in ("float16", "float32"):
+        grid += [NACase(dtype, 1, 8, (n,), 13, 64) for n in lengths]
+        grid += [NACase(dtype, 1, 8, (n, n), 7, 64) for n in sides]
+    return grid
+
+
+def run_neighborhood_case(case: NACase, torch: Any) -> list[NAResult]:
+    """Time the Triton and CuPy kernels and masked SDPA on one case."""
+    import qkv
+
+    dtype = getattr(torch, case.dtype)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    shape = (case.B, case.H, *case.spatial, case.D)
+    q, k, v = (
+        torch.randn(shape, device="cuda", dtype=dtype, generator=generator) for _ in range(3)
+    )
+    expected = qkv.neighborhood(
+        q.float(), k.float(), v.float(), kernel_size=case.kernel, backend="torch",
+        return_weights=True,
+    )[0]  # fmt: skip  # the gather form (weights asked for)
+    flat = [x.reshape(case.B, case.H, case.tokens, case.D) for x in (q, k, v)]
+    runners: dict[str, Callable[[], Any] | str] = {
+        "triton": lambda: qkv.neighborhood(q, k, v, kernel_size=case.kernel, backend="torch"),
+    }
+    try:
+        import cupy
+
+        cq, ck, cv = (cupy.asarray(x) for x in (q, k, v))
+        runners["cupy"] = lambda: torch.as_tensor(
+            qkv.neighborhood(cq, ck, cv, kernel_size=case.kernel, backend="cupy"),
+            device=q.device,
+        )
+    except ImportError as exc:
+        runners["cupy"] = f"cupy not importable ({exc})"
+    if case.tokens <= NA_MASK_MAX_TOKENS:
+        mask = torch.from_numpy(qkv.neighbor_mask(case.spatial, kernel_size=case.kernel))
+        mask = mask.to("cuda")  # (N, N)
+        runners["sdpa+mask"] = lambda: torch.nn.functional.scaled_dot_product_attention(
+            *flat, attn_mask=mask
+        ).reshape(shape)
+    else:
+        runners["sdpa+mask"] = f"an (N, N) mask of {case.tokens} tokens is too large"
+    results = []
+    for impl in NA_IMPLS:
+        result = NAResult(case, impl)
+        results.append(result)
+        runner = runners[impl]
+        if isinstance(runner, str):
+            result.status = f"skipped: {runner}"
+            continue
+        try:
+            out = runner()
+            result.max_abs_diff = float((out.float() - expected).abs().max())
+            result.ms = median_ms(runner, torch)
+        except Exception as exc:  # report and go on: one broken kernel must not hide the rest
+            name = type(exc).__name__
+            skipped = name in ("MissingOp", "Unsupported")
+            result.status = f"{'skipped' if skipped else 'failed'}: {name}: {exc}"[:300]
+            continue
+        if result.max_abs_diff > AGREEMENT[case.dtype]:
+            result.status = f"failed: max |out - gather form| = {result.max_abs_diff:.3g}"
+    masked_ms = results[NA_IMPLS.index("sdpa+mask")].ms
+    for result in results:
+        if result.ms and masked_ms:
+            result.vs_masked = masked_ms / result.ms
+    return results
+
+
+def run_neighborhood(args: argparse.Namespace, torch: Any) -> list[NAResult]:
+    """Every neighborhood case within ``args.neighborhood_budget_s`` (the rest: skipped)."""
+    started = time.monotonic()
+    results: list[NAResult] = []
+    for case in neighborhood_cases(args.quick):
+        if time.monotonic() - started > args.neighborhood_budget_s:
+            results += [NAResult(case, impl, status="skipped: time budget") for impl in NA_IMPLS]
+            continue
+        print(f"... neighborhood {case.dtype} {case.label}", flush=True)
+        try:
+            results += run_neighborhood_case(case, torch)
+        except torch.cuda.OutOfMemoryError as exc:
+            results += [
+                NAResult(case, impl, status=f"skipped: out of memory ({exc})"[:120])
+                for impl in NA_IMPLS
+            ]
+        torch.cuda.empty_cache()
+    return results
+
+
+def print_neighborhood_table(results: list[NAResult]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="qkv GPU benchmark: neighborhood attention vs masked full attention")
+    for column in ("case", "dtype", "impl", "ms", "x masked", "max|Δ|", "status"):
+        table.add_column(
+            column, justify="left" if column in ("case", "impl", "status") else "right"
+        )
+    for r in results:
+        table.add_row(
+            r.case.label,
+            r.case.dtype,
+            r.impl,
+            "-" if r.ms is None else f"{r.ms:.3f}",
+            "-" if r.vs_masked is None else f"{r.vs_masked:.1f}",
+            "-" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}",
+            r.status if r.status == "ok" else r.status[:60],
+        )
+    Console(width=200).print(table)
+
+
 def default_out() -> Path:
     out = os.environ.get("OUT")
     return Path(out) / "gpu.json" if out else ROOT / "benchmarks" / "results" / "gpu.json"
@@ -245,6 +407,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=200.0,
         help="start no new case after this many seconds (the rest is reported as skipped)",
     )
+    parser.add_argument(
+        "--neighborhood-budget-s",
+        type=float,
+        default=30.0,
+        help="the share of --budget-s kept for the neighborhood-attention section",
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the cases and exit")
     return parser.parse_args(argv)
 
@@ -255,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for case in grid:
             print(f"{case.dtype:9} {case.label}  ({case.flops / 1e12:.3f} TFLOP)")
+        for na_case in neighborhood_cases(args.quick):
+            print(f"{na_case.dtype:9} {na_case.label}")
         return 0
     sys.path.insert(0, str(ROOT))  # qkv from this checkout when it is not installed
     import torch
@@ -266,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results: list[Result] = []
     for case in grid:
-        if time.monotonic() - started > args.budget_s:
+        if time.monotonic() - started > args.budget_s - args.neighborhood_budget_s:
             results += [Result(case, impl, status="skipped: time budget") for impl in IMPLS]
             continue
         print(f"... {case.dtype} {case.label}", flush=True)
@@ -277,17 +447,21 @@ def main(argv: list[str] | None = None) -> int:
                 Result(case, impl, status=f"skipped: out of memory ({exc})"[:120]) for impl in IMPLS
             ]
         torch.cuda.empty_cache()
+    na_results = run_neighborhood(args, torch)
     out = args.out or default_out()
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "environment": environment(torch),
         "seconds": round(time.monotonic() - started, 1),
         "results": [{**asdict(r), "case": asdict(r.case)} for r in results],
+        "neighborhood": [{**asdict(r), "case": asdict(r.case)} for r in na_results],
     }
     out.write_text(json.dumps(record, indent=2))
     print_table(results)
+    print_neighborhood_table(na_results)
     print(f"results: {out}")
     failed = [r for r in results if r.status.startswith("failed") and r.impl != "torch-sdpa"]
+    failed += [r for r in na_results if r.status.startswith("failed") and r.impl != "sdpa+mask"]
     for r in failed:
         print(f"FAILED {r.impl} {r.case.dtype} {r.case.label}: {r.status}")
     return 1 if failed else 0

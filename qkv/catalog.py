@@ -150,6 +150,13 @@ MECHANISMS: tuple[Mechanism, ...] = (
         _KDGQA,
         arxiv="2408.08454",
         code="https://github.com/yjzhang0505/key-driven-gqa",
+        status="implemented",
+        reference="qkv.reference.heads:gqa",
+        ops=("sdpa",),
+        tests=("tests/reference/test_heads_gqa.py",),
+        notes="G = H is MHA, G = 1 is MQA; uptrain() mean-pools K/V weights and biases of "
+        "contiguous head groups; qkv.gqa runs its softmax on the chosen backend's sdpa; code "
+        "facts from a fork (the paper's own repository was not found)",
     ),
     _m(
         "kdgqa",
@@ -157,7 +164,14 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "key-norm-driven query allocation per forward pass",
         _KDGQA,
         arxiv="2408.08454",
+        code="https://github.com/yjzhang0505/key-driven-gqa",
         tutorial="tutorials/heads/gqa.py",
+        status="implemented",
+        reference="qkv.reference.heads:kdgqa",
+        ops=("sdpa",),
+        tests=("tests/reference/test_heads_gqa.py",),
+        notes="per-sample norm ratios by default; batch_coupled=True, normalisation='minmax' "
+        "is the official code; equal norms fall back to uniform GQA instead of NaN",
     ),
     _m(
         "dgqa",
@@ -165,7 +179,14 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "query allocation from key norms tracked over training (EMA or window)",
         _KDGQA,
         arxiv="2408.08454",
+        code="https://github.com/yjzhang0505/key-driven-gqa",
         tutorial="tutorials/heads/gqa.py",
+        status="implemented",
+        reference="qkv.reference.heads:dgqa",
+        ops=("sdpa",),
+        tests=("tests/reference/test_heads_gqa.py",),
+        notes="explicit DGQAState (cache, allocation, step); deterministic repair by default, "
+        "the code's random repair with rng=; cache_update='code' is the code's cache rule",
     ),
     _m(
         "pgqa",
@@ -173,13 +194,27 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "perturbed GQA",
         _KDGQA,
         arxiv="2408.08454",
+        code="https://github.com/yjzhang0505/key-driven-gqa",
         tutorial="tutorials/heads/gqa.py",
+        status="implemented",
+        reference="qkv.reference.heads:pgqa",
+        ops=("sdpa",),
+        tests=("tests/reference/test_heads_gqa.py",),
+        notes="as the code: uniform noise (diagonal zeroed) rescaled to each head output's "
+        "statistics and subtracted from the outputs, in training and at inference; takes rng",
     ),
     _m(
         "diffqkv",
         "heads",
         "differentially compressed K and V, augmented Q head dim",
         "Sigma: Differential Rescaling of Query, Key and Value for Efficient Language Models",
+        arxiv="2501.13629",
+        status="implemented",
+        reference="qkv.reference.heads:diffqkv",
+        ops=("sdpa",),
+        tests=("tests/reference/test_heads_diffqkv.py",),
+        notes="no official code; augmented queries meet the smaller keys through a per-head "
+        "map q_down (our reading); diffqkv_cost counts KV-cache bytes and decode FLOPs",
     ),
     _m(
         "rcmha",
@@ -187,6 +222,13 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "depth-wise causal conv on Q/K/V + relative positional scores",
         _RCMHA,
         arxiv="2308.03429",
+        code="https://github.com/hermansh-id/rcmha",
+        status="implemented",
+        reference="qkv.reference.heads:rcmha",
+        ops=("relative_attention",),
+        tests=("tests/reference/test_heads_rcmha.py", "tests/backends/test_relative_backends.py"),
+        notes="labml score (q+u).k + q.R[d] + b[d] (Transformer-XL's v.R folded into b); "
+        "memory via M = m + N keys; conv biases in rcmha, bias-free kernels fused in the op",
     ),
     _m(
         "mdha",
@@ -194,7 +236,12 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "multi-DConv-head attention baseline",
         _RCMHA,
         arxiv="2308.03429",
+        code="https://github.com/hermansh-id/rcmha",
+        status="implemented",
+        reference="qkv.reference.heads:mdha",
         tutorial="tutorials/heads/rcmha.py",
+        tests=("tests/reference/test_heads_rcmha.py",),
+        notes="causal depth-wise conv (K=3) on Q, K, V, then causal sdpa",
     ),
     _m(
         "rmha",
@@ -202,7 +249,12 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "relative multi-head attention baseline",
         _RCMHA,
         arxiv="2308.03429",
+        code="https://github.com/hermansh-id/rcmha",
+        status="implemented",
+        reference="qkv.reference.heads:rmha",
+        ops=("relative_attention",),
         tutorial="tutorials/heads/rcmha.py",
+        tests=("tests/reference/test_heads_rcmha.py", "tests/backends/test_relative_backends.py"),
     ),
     # positions
     _m(
@@ -211,19 +263,42 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "factored RoPE x ALiBi with a harmonic series",
         _FULU,
         arxiv="2410.18441",
+        status="implemented",
+        reference="qkv.reference.positions:rope_alibi_harmonic",
+        ops=("sdpa",),
+        tests=("tests/reference/test_positions_rope_alibi.py",),
+        notes="formulation derived from the abstract (no code): RoPE-rotated scores minus "
+        "m_h |p_i - p_j| with harmonic slopes m_h = 1/h; the weights factor into a RoPE term "
+        "times a per-head decay e^(-|i-j|/h); the bias reaches sdpa as an additive mask",
     ),
     _m(
         "positional_attention",
         "positions",
         "attention weights from positional encodings only",
         "Positional Attention: Expressivity and Learnability of Algorithmic Computation",
+        arxiv="2410.01686",
         code="https://github.com/opallab/positional_attention",
+        status="implemented",
+        reference="qkv.reference.positions:positional_attention",
+        ops=("sdpa",),
+        tests=("tests/reference/test_positions_positional_attention.py",),
+        notes="q, k from positional encodings only (the official layout, checked against it in "
+        "torch), values from the input; one sdpa call for the whole batch (folded into the "
+        "value features); the layer's MLP belongs to the caller",
     ),
     _m(
         "object_pe",
         "positions",
         "object-level 3-D sinusoidal positional encoding",
         "OAT: Object-Level Attention Transformer for Gaze Scanpath Prediction",
+        arxiv="2407.13335",
+        code="https://github.com/HKUST-NISL/oat_eccv24",
+        status="implemented",
+        reference="qkv.reference.positions:object_pe",
+        tests=("tests/reference/test_positions_object_pe.py",),
+        notes="PositionalEncoding3D of the official code with its frequency choices original, "
+        "exp1, exp2, linear (alpha 0.9); the run default, a learned table loaded from .npy, is "
+        "data and not reproduced; an encoding generator, not dispatched",
     ),
     # forms
     _m(
@@ -335,6 +410,17 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "Faster Neighborhood Attention",
         arxiv="2403.04690",
         code="https://github.com/SHI-Labs/NATTEN",
+        status="implemented",
+        reference="qkv.reference.local:neighborhood",
+        ops=("neighborhood",),
+        tests=(
+            "tests/reference/test_local_neighborhood.py",
+            "tests/backends/test_neighborhood_backends.py",
+        ),
+        notes="NATTEN semantics per axis (dilation groups, windows shifted inward at borders, "
+        "causal, stride leaders, even kernels k/2 left and k/2 - 1 right); fused kernels "
+        "gather neighbours by computed index (numba all ranks; Triton and CuPy 1-3 axes, "
+        "CuPy compiled, not yet run on a GPU)",
     ),
     _m(
         "bilevel_routing",
@@ -343,6 +429,12 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "BiFormer: Vision Transformer with Bi-Level Routing Attention",
         arxiv="2303.08810",
         code="https://github.com/rayleizhu/BiFormer",
+        status="implemented",
+        reference="qkv.reference.local:bilevel_routing",
+        ops=("sdpa",),
+        tests=("tests/reference/test_local_biformer.py",),
+        notes="mean-pooled region routing (top-k, ties to the lower index), token attention "
+        "batched over regions through qkv.sdpa, LePE; scale (H*D)^-1/2 as the official code",
     ),
     _m(
         "hilo",
@@ -351,15 +443,39 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "Fast Vision Transformers with HiLo Attention",
         arxiv="2205.13213",
         code="https://github.com/ziplab/LITv2",
+        status="implemented",
+        reference="qkv.reference.local:hilo",
+        ops=("sdpa",),
+        tests=("tests/reference/test_local_hilo.py",),
+        notes="alpha = fraction of Lo-Fi heads (as the code); both groups run qkv.sdpa",
     ),
-    _m("channel_attention", "local", "channel-group attention", _DAVIT, arxiv="2204.03645"),
+    _m(
+        "channel_attention",
+        "local",
+        "channel-group attention",
+        _DAVIT,
+        arxiv="2204.03645",
+        code="https://github.com/dingmyu/davit",
+        status="implemented",
+        reference="qkv.reference.local:channel_attention",
+        ops=("sdpa",),
+        tests=("tests/reference/test_local_davit.py",),
+        notes="channels as tokens, scale C_g^-1/2; the code's (q, k, v) are the paper's (V, Q, K)",
+    ),
     _m(
         "window_attention",
         "local",
         "spatial window attention",
         _DAVIT,
         arxiv="2204.03645",
+        code="https://github.com/dingmyu/davit",
+        status="implemented",
+        reference="qkv.reference.local:window_attention",
+        ops=("sdpa",),
         tutorial="tutorials/local/channel_attention.py",
+        tests=("tests/reference/test_local_davit.py",),
+        notes="non-shifted windows, bottom/right padding masked out (mask_padding=False: the "
+        "code's unmasked zero padding)",
     ),
     # kv
     _m(
@@ -369,6 +485,11 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "Efficient Streaming Language Models with Attention Sinks",
         arxiv="2309.17453",
         code="https://github.com/mit-han-lab/streaming-llm",
+        status="implemented",
+        reference="qkv.reference.kv:streaming",
+        tests=("tests/reference/test_kv_streaming.py", "tests/lab/test_engine.py"),
+        notes="a KVPolicy (StreamingLLM); position shift by re-rotating cached keys "
+        "(rerotate=False: kvpress / KVCache-Factory variant); a kv-eval baseline",
     ),
     _m(
         "snapkv",
@@ -437,6 +558,12 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "sparse",
         "attention of each head over its own selected key indices, merged by log-sum-exp",
         "(shared op)",
+        status="implemented",
+        reference="qkv.reference.sparse:sparse_attention",
+        ops=("sparse_attention",),
+        tests=("tests/reference/test_sparse_attention.py",),
+        notes="indices (B, H, S) or (B, H, N, S), -1 = empty slot; merge_partials combines "
+        "split selections; the lab engine's decode attention; torch backend (gather)",
     ),
     _m(
         "tokenselect",
@@ -526,6 +653,10 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "AutoInt: Automatic Feature Interaction Learning via Self-Attentive Neural Networks",
         arxiv="1810.11921",
         code="https://github.com/shichence/AutoInt",
+        status="implemented",
+        reference="qkv.reference.recsys:autoint",
+        tests=("tests/reference/test_recsys_autoint.py",),
+        notes="paper form by default; released_code=True adds the code's ReLU, 1/sqrt(d') and LayerNorm",
     ),
     _m(
         "dare",
@@ -534,6 +665,10 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "Long-Sequence Recommendation Models Need Decoupled Embeddings",
         arxiv="2410.02604",
         code="https://github.com/thuml/DARE",
+        status="implemented",
+        reference="qkv.reference.recsys:dare",
+        tests=("tests/reference/test_recsys_dare.py",),
+        notes="weights independent of the representation table; values of the attention table",
     ),
     _m(
         "sdim",
@@ -541,6 +676,11 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "SimHash bucket sampling in place of target attention",
         "Sampling Is All You Need on Modeling Long-Term User Behaviors for CTR Prediction",
         arxiv="2205.10249",
+        status="implemented",
+        reference="qkv.reference.recsys:sdim",
+        ops=("sdim",),
+        tests=("tests/reference/test_recsys_sdim.py", "tests/backends/test_sdim_backends.py"),
+        notes="numba groups behaviours by bucket once, then a binary search per candidate",
     ),
     _m(
         "mqsa",
@@ -549,6 +689,10 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "Collaboration and Transition: Distilling Item Transitions into Multi-Query "
         "Self-Attention for Sequential Recommendation",
         code="https://github.com/zhuty16/MQSA-TED",
+        status="implemented",
+        reference="qkv.reference.recsys:mqsa",
+        tests=("tests/reference/test_recsys_mqsa.py",),
+        notes="window 1 with shared stacks (or alpha = 1) is the short-query model",
     ),
     _m(
         "coda_prompt",
@@ -557,6 +701,10 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "CODA-Prompt: COntinual Decomposed Attention-based Prompting for Rehearsal-Free "
         "Continual Learning",
         arxiv="2211.13218",
+        code="https://github.com/GT-RIPL/CODA-Prompt",
+        status="implemented",
+        reference="qkv.reference.recsys:coda_prompt",
+        tests=("tests/reference/test_recsys_coda_prompt.py",),
     ),
     # analysis
     _m(
@@ -610,6 +758,10 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression of Pre-Trained "
         "Transformers",
         arxiv="2002.10957",
+        status="implemented",
+        reference="qkv.reference.analysis:minilm_distill",
+        tests=("tests/reference/test_analysis_distill.py",),
+        notes="analytic gradients checked against torch autograd and finite differences",
     ),
     _m(
         "margin_mse",
@@ -617,6 +769,9 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "Margin-MSE cross-architecture distillation loss for rankers",
         "Improving Efficient Neural Ranking Models with Cross-Architecture Knowledge Distillation",
         arxiv="2010.02666",
+        status="implemented",
+        reference="qkv.reference.analysis:margin_mse",
+        tests=("tests/reference/test_analysis_distill.py",),
     ),
 )
 

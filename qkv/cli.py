@@ -89,7 +89,9 @@ def list_(
         return
     for family, members in catalog.by_family().items():
         table = Table(title=f"{family}: {catalog.FAMILIES[family]}", title_justify="left")
-        for column in ("id", "status", "what", "paper"):
+        table.add_column("id", no_wrap=True)  # an id is a name to copy: never folded
+        table.add_column("status", no_wrap=True)
+        for column in ("what", "paper"):
             table.add_column(column, overflow="fold")
         for m in members:
             status = "[green]implemented" if m.status == "implemented" else "[dim]planned"
@@ -179,6 +181,80 @@ def capture_minilm(
 
     path = capture(out=out, progress=True)
     console.print(f"wrote {path}")
+
+
+@lab_app.command("train-decoder")
+def train_decoder(
+    out: Annotated[
+        Path | None, typer.Option(help="Where the weights npz goes (default qkv/data).")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the weights and the data.")] = 0,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+) -> None:
+    """Train the lab decoder on the synthetic tasks (CPU, torch) and save weights + loss curve."""
+    from qkv.lab.train import TrainConfig, run
+
+    try:
+        cfg = TrainConfig(steps=steps, seed=seed, threads=threads)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    path, info = run(out, cfg, progress=True)
+    console.print(f"wrote {path} (and its _loss.json/_loss.png) in {info['seconds']:.0f} s")
+    acc = info["passkey"]
+    table = Table("length", *[f"depth {d:g}" for d in acc["depths"]], title="passkey accuracy")
+    for length, row in zip(acc["lengths"], acc["accuracy"], strict=True):
+        table.add_row(str(length), *[f"{a:.2f}" for a in row])
+    console.print(table)
+
+
+@lab_app.command("kv-eval")
+def kv_eval(
+    methods: Annotated[str, typer.Option(help="Comma-separated method names.")] = "full,streaming",
+    budgets: Annotated[
+        str, typer.Option(help="Comma-separated cache budgets (tokens per head).")
+    ] = "32,64,128,256,512",
+    lengths: Annotated[
+        str, typer.Option(help="Comma-separated prompt lengths.")
+    ] = "64,128,256,512",
+    depths: Annotated[
+        str, typer.Option(help="Comma-separated needle depths.")
+    ] = "0,0.25,0.5,0.75,1",
+    per_cell: Annotated[int, typer.Option(help="Prompts per (length, depth) cell.")] = 4,
+    weights: Annotated[
+        Path | None, typer.Option(help="Decoder weights npz (default: the shipped model).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Where the JSON results go.")] = Path(
+        "benchmarks/kv_eval/kv_eval.json"
+    ),
+    plots: Annotated[
+        Path | None, typer.Option(help="Folder for the plots (default: next to --out).")
+    ] = None,
+) -> None:
+    """Needle retrieval under KV-cache budgets: accuracy, cache bytes, time per token."""
+    from qkv.errors import ParameterError
+    from qkv.lab import decoder
+    from qkv.lab import kv_eval as kv
+
+    try:
+        cfg = kv.EvalConfig(
+            methods=kv.names(methods),
+            budgets=kv.parse_ints(budgets, "budgets"),
+            lengths=kv.parse_ints(lengths, "lengths"),
+            depths=kv.parse_floats(depths, "depths"),
+            per_cell=per_cell,
+        )
+        model = decoder.load(weights)
+    except (ParameterError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    results = kv.run(model, cfg, progress=True)
+    kv.save(results, out)
+    paths = kv.plot(results, plots or out.parent)
+    table = Table("method", "budget", "accuracy", "cache KiB", "ms / token", title="kv-eval")
+    for method, budget, acc, kib, ms in kv.summary(results):
+        table.add_row(method, budget, f"{acc:.2f}", f"{kib:.1f}", f"{ms:.2f}")
+    console.print(table)
+    console.print(f"wrote {out}, " + ", ".join(str(p) for p in paths))
 
 
 def main() -> None:

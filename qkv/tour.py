@@ -29,6 +29,8 @@ from qkv.errors import FallbackWarning
 from qkv.lab.minilm import MiniLMCapture, load
 from qkv.reference import core
 from qkv.reference.forms import agent_attention, selective_attention
+from qkv.reference.heads import grouped_query, relative_conv
+from qkv.reference.recsys import sdim_hashing
 
 TOUR_RTOL_FP32 = 1e-4
 """Largest relative error a float32 run may show in the tour, norm-wise and elementwise.
@@ -184,6 +186,61 @@ def _tensor(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
     return (q, k, k, v, v), {"scale": 8.0}
 
 
+@tour_case("gqa", "G = 4", op="sdpa")
+def _gqa(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """The 12 heads converted to 4 KV groups by mean-pooling keys and values (no uptraining)."""
+    q, k, v = _qkv(data, dtype)
+    pooled = (grouped_query.pool_heads(x, 4).astype(dtype) for x in (k, v))  # (6, 4, N, 32)
+    return (q, *pooled), {}
+
+
+@tour_case("rcmha", "conv + R", op="relative_attention")
+def _rcmha(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """RCMHA's fused op on the captured heads: identity-plus-neighbour depth-wise kernels on
+    Q, K and V, sinusoidal relative keys, a content bias and a distance penalty; causal."""
+    q, k, v = _qkv(data, dtype)
+    n, d, heads = data.n_tokens, q.shape[-1], data.n_heads
+    r = np.broadcast_to(0.5 * relative_conv.sinusoids(n, d), (heads, n, d))  # (H, N, D)
+    u = np.full((heads, d), 0.1)  # (H, D)
+    b = -0.05 * np.arange(n) * np.ones((heads, 1))  # (H, N): a linear distance penalty
+    kernel = relative_conv.identity_kernel(d) + 0.25  # (D, 3): each token mixes in its past
+    tables = (x.astype(dtype) for x in (r, u, b))
+    conv = {f"conv_{x}": kernel.astype(dtype) for x in "qkv"}
+    return (q, k, v, *tables), conv
+
+
+@tour_case("neighborhood", "window 13", op="neighborhood")
+def _neighborhood(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """1-D neighborhood attention over the token axis: each token sees its 13 neighbours."""
+    return _qkv(data, dtype), {"kernel_size": 13}
+
+
+@tour_case("neighborhood", "causal 13", op="neighborhood")
+def _neighborhood_causal(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """The causal form: each token sees itself and the 12 tokens before it."""
+    return _qkv(data, dtype), {"kernel_size": 13, "causal": True}
+
+
+@tour_case("sparse_attention", "top 32")
+def _sparse_attention(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """Every query row reads only the 32 keys it scores highest (per head, ties to the lower
+    position), the selection a decode-time sparse method hands to the shared op."""
+    q, k, v = _qkv(data, dtype)
+    scores = np.einsum("bhnd,bhmd->bhnm", q.astype(np.float64), k)  # (6, 12, N, N)
+    top = np.argsort(-scores, axis=-1, kind="stable")[..., :32]  # (6, 12, N, 32)
+    return (q, k, v, top), {}
+
+
+@tour_case("sdim", "16 hashes")
+def _sdim(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """Layer 0's queries as candidates, its keys as one user's behaviours (head features as
+    the embedding), 16 hashes of 4 bits, seeded hyperplanes."""
+    targets = data.q[0].astype(dtype)  # (12, N, 32): a batch of 12 users, one per head
+    behaviours = data.k[0].astype(dtype)  # (12, N, 32)
+    planes = sdim_hashing.random_planes(targets.shape[-1], 16, 4, rng=0)  # (32, 16, 4)
+    return (targets, behaviours, planes), {}
+
+
 @dataclass(frozen=True)
 class TourRow:
     """The outcome of one case on one backend.
@@ -232,7 +289,8 @@ class TourResult:
             caption=self._caption(),
             caption_justify="left",
         )
-        for name in ("mechanism", "backend", "status"):
+        table.add_column("mechanism")  # the one column that wraps on a narrow terminal
+        for name in ("backend", "status"):
             table.add_column(name, no_wrap=True)
         for name in ("err norm", "err max", "time", "vs ref"):
             table.add_column(name, justify="right", no_wrap=True)

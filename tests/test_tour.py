@@ -104,6 +104,12 @@ def test_a_wrong_a_failing_and_a_declining_backend(small: None) -> None:
         ("selective", "beta 0"): "mismatch",
         ("gaussian", "values"): "fallback",  # not implemented
         ("tensor", "64 tokens"): "fallback",
+        ("gqa", "G = 4"): "mismatch",  # an sdpa call
+        ("rcmha", "conv + R"): "fallback",
+        ("neighborhood", "window 13"): "fallback",
+        ("neighborhood", "causal 13"): "fallback",
+        ("sdim", "16 hashes"): "fallback",
+        ("sparse_attention", "top 32"): "fallback",
     }
     assert all(r.status == "ok" for r in result.rows if r.backend == "reference")
     text = render(result)

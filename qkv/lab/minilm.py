@@ -135,6 +135,29 @@ def pydoc_text(
     )
 
 
+def pydoc_paragraphs(count: int | None = None, *, min_words: int = 20) -> list[str]:
+    """Distinct prose paragraphs of every ``pydoc_data.topics`` page, in sorted topic order.
+
+    Paragraphs shorter than ``min_words`` words are left out. With ``count``, that many are
+    taken evenly spaced over the whole list (so that they span many topics); otherwise all.
+    """
+    from pydoc_data.topics import topics as pages
+
+    found = dict.fromkeys(
+        paragraph
+        for name in sorted(pages)
+        for paragraph in _prose_paragraphs(pages[name])
+        if len(paragraph.split()) >= min_words
+    )
+    paragraphs = list(found)
+    if count is None:
+        return paragraphs
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(paragraphs):
+        raise ValueError(f"count: expected 1 to {len(paragraphs)} paragraphs, got {count!r}")
+    picks = np.linspace(0, len(paragraphs) - 1, count).round().astype(int)
+    return [paragraphs[i] for i in picks]
+
+
 def _fit(text: str, tokenizer: Any, max_tokens: int) -> str:
     """``text`` cut after its last full stop that keeps it within ``max_tokens`` word pieces."""
     budget = max_tokens - 2  # room for [CLS] and [SEP]
@@ -259,4 +282,13 @@ def capture(out: str | Path | None = None, progress: bool = False) -> Path:
     return out
 
 
-__all__ = ["COMMAND", "DEFAULT_PATH", "MODEL", "MiniLMCapture", "capture", "load", "pydoc_text"]
+__all__ = [
+    "COMMAND",
+    "DEFAULT_PATH",
+    "MODEL",
+    "MiniLMCapture",
+    "capture",
+    "load",
+    "pydoc_paragraphs",
+    "pydoc_text",
+]

@@ -55,6 +55,8 @@ def _config_options(source: Path, D: int, Dv: int) -> tuple[str, ...]:
 def test_every_kernel_source_is_listed() -> None:
     assert {p.name for p in KERNELS} == {
         "flash_fwd.cu",
+        "neighborhood_fwd.cu",
+        "relative_fwd.cu",
         "rope.cu",
         "sigmoid_fwd.cu",
         "tensor_fwd.cu",

@@ -210,3 +210,115 @@ def tensor(
     float64 and head dims over 256. Compiled, not yet run on a GPU.
     """
     return _launch.tensor_forward(q, k1, k2, v1, v2, scale=scale)
+
+
+def neighborhood(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    kernel_size: int | tuple[int, ...] = 7,
+    dilation: int | tuple[int, ...] = 1,
+    stride: int | tuple[int, ...] = 1,
+    causal: bool | tuple[bool, ...] = False,
+    scale: float | None = None,
+    return_weights: bool = False,
+    return_lse: bool = False,
+) -> Any:
+    """Neighborhood attention on the GPU (``neighborhood_fwd.cu``); the reference's semantics
+    (see :func:`qkv.reference.local.neighborhood_attention.neighborhood`).
+
+    ``q (B, H, *spatial, D)``, ``k (B, Hkv, *spatial, D)``, ``v (B, Hkv, *spatial, Dv)`` as CuPy
+    arrays with 1-3 spatial axes, float16 or float32; returns ``O (B, H, *spatial, Dv)`` in the
+    input dtype (and ``lse`` float32 with ``return_lse``). One warp per query walks its computed
+    neighbours with the online softmax in fp32; no ``N x N`` array. Declines (reference
+    fallback) ``return_weights=True``, float64, head dims over 256. Compiled, not yet run on a
+    GPU.
+    """
+    if return_weights:
+        raise Unsupported(
+            "return_weights=True: the fused kernel never forms the weights; "
+            "the reference computes them"
+        )
+    from qkv.backends.cupy import _neighborhood
+    from qkv.reference.local.neighborhood_attention import check_neighborhood
+
+    dims = check_neighborhood(
+        q, k, v, kernel_size=kernel_size, dilation=dilation, stride=stride, causal=causal,
+        scale=scale,
+    )  # fmt: skip
+    out, lse = _neighborhood.neighborhood_forward(q, k, v, dims, scale=scale)
+    return (out, lse) if return_lse else out
+
+
+# heads: RCMHA's relative-score attention with fused convolutions (relative_fwd.cu)
+RELATIVE_ELEMENTS = {"float16": "f16", "float32": "f32"}
+
+
+def relative_arguments(
+    q: Any, k: Any, v: Any, r: Any, u: Any, b: Any, wq: Any, wk: Any, wv: Any, out: Any, *,
+    scale: float,
+) -> tuple:  # fmt: skip
+    """The arguments of ``qkv_relative_fwd_<element>`` in its parameter order (NumPy or CuPy
+    arrays; ``r``, ``u``, ``b`` and the kernels contiguous, the others with a contiguous last
+    axis). Plain Python and NumPy, so the packing is tested without a GPU."""
+    B, H, N, D = q.shape
+    Hkv, M, Dv = k.shape[1], k.shape[2], v.shape[3]
+    sizes = (B, H, Hkv, N, M, D, Dv, r.shape[1], b.shape[1], wq.shape[1], wk.shape[1], wv.shape[1])
+    strides = (*_launch.element_strides(q)[:3], *_launch.element_strides(k)[:3])
+    strides += _launch.element_strides(v)[:3]
+    return (
+        q, k, v, r, u, b, wq, wk, wv, out,
+        *(np.int32(s) for s in sizes), *(np.int64(s) for s in strides), np.float32(scale),
+    )  # fmt: skip
+
+
+def relative_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    r: Any,
+    u: Any,
+    b: Any,
+    *,
+    conv_q: Any = None,
+    conv_k: Any = None,
+    conv_v: Any = None,
+    scale: float | None = None,
+) -> Any:
+    r"""RCMHA's relative-score attention on the GPU (``relative_fwd.cu``), the convolutions fused
+    in; the reference's semantics (see
+    :func:`qkv.reference.heads.relative_conv.relative_attention`).
+
+    ``q (B, H, N, D)``, ``k (B, Hkv, M, D)``, ``v (B, Hkv, M, Dv)``, ``r (H, L, D)``,
+    ``u (H, D)``, ``b (H, Lb)``, kernels ``(D, K)`` / ``(Dv, K)`` as CuPy arrays, float16 or
+    float32; returns ``O (B, H, N, Dv)`` in the input dtype. One block per query row, an online
+    softmax over key tiles in fp32; no ``N x M`` array. Declines (reference fallback) float64
+    and head dims over 256. Compiled, not yet run on a GPU.
+    """
+    element = RELATIVE_ELEMENTS.get(_arrays.dtype_name(q))
+    if element is None:
+        raise Unsupported(f"dtype {_arrays.dtype_name(q)}: relative_fwd.cu takes float16, float32")
+    B, H, N, D = q.shape
+    Dv = v.shape[3]
+    if max(D, Dv) > 256:
+        raise Unsupported(f"head dims up to 256 (got D={D}, Dv={Dv}); the reference runs")
+    import math
+
+    import cupy
+
+    from qkv import _outputs
+
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    q, k, v = (_launch._last_axis_contiguous(x) for x in (q, k, v))
+    r, u, b = (cupy.ascontiguousarray(x) for x in (r, u, b))
+    kernels = [
+        cupy.ones((c, 1), dtype=q.dtype) if w is None else cupy.ascontiguousarray(w)
+        for w, c in ((conv_q, D), (conv_k, D), (conv_v, Dv))
+    ]
+    with q.device as device:
+        out = _outputs.empty((B, H, N, Dv), like=q)
+        args = relative_arguments(q, k, v, r, u, b, *kernels, out, scale=scale)
+        kernel = _launch._kernel(device.id, "relative_fwd.cu", (), f"qkv_relative_fwd_{element}", 0)
+        kernel((N, H, B), (128, 1, 1), args)
+    return out

@@ -219,3 +219,86 @@ def tensor(
     from qkv.backends.numba import _tensor
 
     return _tensor.tensor(q, k1, k2, v1, v2, scale=scale)
+
+
+def neighborhood(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    *,
+    kernel_size: int | tuple[int, ...] = 7,
+    dilation: int | tuple[int, ...] = 1,
+    stride: int | tuple[int, ...] = 1,
+    causal: bool | tuple[bool, ...] = False,
+    scale: float | None = None,
+    return_weights: bool = False,
+    return_lse: bool = False,
+) -> np.ndarray | tuple[np.ndarray, ...]:
+    """Neighborhood attention; same arguments and results as
+    :func:`qkv.reference.local.neighborhood_attention.neighborhood`.
+
+    ``q (B, H, *spatial, D)``, ``k (B, Hkv, *spatial, D)``, ``v (B, Hkv, *spatial, Dv)`` with 1-3
+    spatial axes. One fused pass per query over its computed neighbours (see
+    :mod:`qkv.backends.numba._neighborhood`): ``O(N K D)`` time, no ``N x N`` array.
+    """
+    _native(q)
+    from qkv.backends.numba import _neighborhood
+    from qkv.reference.local.neighborhood_attention import check_neighborhood
+
+    dims = check_neighborhood(
+        q, k, v, kernel_size=kernel_size, dilation=dilation, stride=stride, causal=causal,
+        scale=scale,
+    )  # fmt: skip
+    return _neighborhood.neighborhood(
+        q, k, v, kernel_size=dims.kernel_size, dilation=dims.dilation, stride=dims.stride,
+        causal=dims.causal, scale=scale, return_weights=return_weights, return_lse=return_lse,
+    )  # fmt: skip
+
+
+def relative_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    r: np.ndarray,
+    u: np.ndarray,
+    b: np.ndarray,
+    *,
+    conv_q: np.ndarray | None = None,
+    conv_k: np.ndarray | None = None,
+    conv_v: np.ndarray | None = None,
+    scale: float | None = None,
+) -> np.ndarray:
+    """RCMHA's relative-score attention with the depth-wise causal convolutions fused in; same
+    arguments and result as :func:`qkv.reference.heads.relative_conv.relative_attention`.
+
+    ``q (B, H, N, D)``, ``k (B, Hkv, M, D)``, ``v (B, Hkv, M, Dv)``, ``r (H, L, D)``,
+    ``u (H, D)``, ``b (H, Lb)``, kernels ``(D, K)`` / ``(Dv, K)``. One tiled online-softmax
+    kernel (see :mod:`qkv.backends.numba._relative`): no ``N x M`` array.
+    """
+    _native(q)
+    from qkv.backends.numba import _relative
+
+    return _relative.relative_attention(
+        q, k, v, r, u, b, conv_q=conv_q, conv_k=conv_k, conv_v=conv_v, scale=scale
+    )
+
+
+def sdim(
+    targets: np.ndarray,
+    behaviours: np.ndarray,
+    planes: np.ndarray,
+    *,
+    valid: np.ndarray | None = None,
+    normalize: bool = True,
+) -> np.ndarray:
+    """SDIM SimHash interest; same arguments and result as
+    :func:`qkv.reference.recsys.sdim_hashing.sdim`.
+
+    ``targets (B, C, d)``, ``behaviours (B, L, d)``, ``planes (d, m, tau)``. Behaviours are
+    grouped by bucket once per (user, hash), then each candidate is a binary search (see
+    :mod:`qkv.backends.numba._sdim`).
+    """
+    _native(targets)
+    from qkv.backends.numba import _sdim
+
+    return _sdim.sdim(targets, behaviours, planes, valid=valid, normalize=normalize)

@@ -55,3 +55,19 @@ def asarray(x: Any) -> Any:
 def to_numpy(x: Any) -> np.ndarray:
     """A NumPy copy of tensor ``x`` (detached, moved to the CPU)."""
     return x.detach().cpu().numpy()
+
+
+# local: neighborhood attention (a Triton forward kernel where flash's runs, else a gather form)
+from qkv.backends.torch._neighborhood import neighborhood  # noqa: E402
+
+__all__ += ["neighborhood"]
+
+# heads: RCMHA's relative-score attention (a fused Triton kernel where it applies, else torch ops)
+from qkv.backends.torch._relative import relative_attention  # noqa: E402
+
+__all__ += ["relative_attention"]
+
+# sparse: attention over per-head selected keys (gather + masked softmax, autograd-friendly)
+from qkv.backends.torch._sparse import sparse_attention  # noqa: E402
+
+__all__ += ["sparse_attention"]

@@ -1,0 +1,304 @@
+"""The KV-cache evaluation harness (``qkv lab kv-eval``): needle retrieval under a cache budget.
+
+For each method, budget, prompt length and needle depth, the harness runs the lab decoder
+(:mod:`qkv.lab.engine`) on seeded held-out passkey prompts (:mod:`qkv.lab.tasks`), decodes the
+passkey greedily and records
+
+* **accuracy**: the fraction of prompts whose whole passkey is decoded exactly;
+* **cache bytes**: the bytes the cache holds after the last step (keys, values and any extra
+  state the method keeps), averaged over the prompts;
+* **time per decoded token**: wall time of a decode step divided by the rows of the batch.
+
+A method is a name bound to a factory ``budget -> KVPolicy | None`` in :data:`METHODS`; the two
+baselines are ``full`` (no compression, the budget is ignored) and ``streaming`` (4 sinks and
+``budget - 4`` recent tokens, :class:`~qkv.reference.kv.StreamingLLM`). Other KV methods join
+with :func:`register`. Results are a JSON-ready dict (:func:`run`) and two plots
+(:func:`plot`): accuracy against budget per method, and a depth x length heat map per method,
+like the needle-in-a-haystack figures.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qkv.errors import ParameterError
+from qkv.lab import decoder as dec
+from qkv.lab import engine, tasks
+from qkv.reference.kv import KVPolicy, StreamingLLM
+
+#: ``name -> (budget -> policy)``; ``None`` means the full cache.
+METHODS: dict[str, Callable[[int], KVPolicy | None]] = {
+    "full": lambda budget: None,
+    "streaming": lambda budget: StreamingLLM(n_sink=4, recent=budget - 4),
+}
+
+
+def register(name: str, factory: Callable[[int], KVPolicy | None]) -> None:
+    """Add a method to the harness: ``factory(budget)`` builds its policy for one budget."""
+    if not isinstance(name, str) or not name:
+        raise ParameterError(f"name: expected a non-empty str, got {name!r}")
+    METHODS[name] = factory
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate.
+
+    Attributes:
+        methods: names in :data:`METHODS`.
+        budgets: cache budgets in tokens per head (each ``>= 5``).
+        lengths: prompt lengths (at most the model's ``max_len`` minus the answer).
+        depths: needle depths in ``[0, 1]``.
+        per_cell: prompts per (length, depth) cell, decoded as one batch.
+        seed: seed of the prompts (held out: the training stream uses other seeds).
+    """
+
+    methods: tuple[str, ...] = ("full", "streaming")
+    budgets: tuple[int, ...] = (32, 64, 128, 256, 512)
+    lengths: tuple[int, ...] = (64, 128, 256, 512)
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    per_cell: int = 4
+    seed: int = 2024
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ParameterError(f"methods: expected names in {sorted(METHODS)}, got {unknown}")
+        bad = [b for b in self.budgets if not isinstance(b, int) or b < 5]
+        if bad or not self.budgets:
+            raise ParameterError(f"budgets: expected token counts >= 5, got {list(self.budgets)}")
+        if not self.lengths or min(self.lengths) < 10:
+            raise ParameterError(f"lengths: expected prompt lengths >= 10, got {self.lengths}")
+        if not self.depths or not all(0 <= d <= 1 for d in self.depths):
+            raise ParameterError(f"depths: expected fractions in [0, 1], got {self.depths}")
+        if not isinstance(self.per_cell, int) or self.per_cell < 1:
+            raise ParameterError(f"per_cell: expected an int >= 1, got {self.per_cell!r}")
+
+
+def _cell(
+    weights: dec.DecoderWeights,
+    policy: KVPolicy | None,
+    length: int,
+    depth: float,
+    cfg: EvalConfig,
+    i: int,
+    j: int,
+) -> dict:
+    exs = [
+        tasks.passkey(length, depth, np.random.default_rng((cfg.seed, i, j, r)))
+        for r in range(cfg.per_cell)
+    ]
+    prompts = np.stack([e.prompt for e in exs])  # (per_cell, length)
+    answers = np.stack([e.answer for e in exs])  # (per_cell, digits)
+    g = engine.generate(weights, prompts, answers.shape[1], policy=policy)
+    return {
+        "accuracy": float(np.mean(np.all(g.tokens == answers, axis=1))),
+        "cache_bytes": g.cache.nbytes() / len(exs),
+        "seconds_per_token": float(np.mean(g.decode_seconds)) / len(exs),
+    }
+
+
+def run(
+    weights: dec.DecoderWeights | None = None,
+    cfg: EvalConfig | None = None,
+    *,
+    progress: bool = False,
+) -> dict:
+    """Evaluate every (method, budget, length, depth) cell.
+
+    Args:
+        weights: the model (default: the shipped one).
+        cfg: what to evaluate (default :class:`EvalConfig`).
+        progress: show a rich progress bar.
+
+    Returns:
+        ``{"config": ..., "machine": ..., "rows": [...]}``; each row has ``method``,
+        ``budget`` (``None`` for ``full``), ``length``, ``depth``, ``accuracy``,
+        ``cache_bytes`` and ``seconds_per_token``.
+    """
+    weights = weights or dec.load()
+    cfg = cfg or EvalConfig()
+    longest = weights.config.max_len - 5
+    if max(cfg.lengths) > longest:
+        raise ParameterError(
+            f"lengths: expected prompts of at most {longest} tokens (max_len "
+            f"{weights.config.max_len} minus the 5-digit answer), got {max(cfg.lengths)}"
+        )
+    jobs = [(m, b) for m in cfg.methods for b in ((None,) if m == "full" else cfg.budgets)]
+    from qkv.lab.train import _progress
+
+    rows = []
+    start = time.perf_counter()
+    with _progress(progress) as bar:
+        task = bar.add_task(
+            "kv-eval", total=len(jobs) * len(cfg.lengths) * len(cfg.depths), loss=float("nan")
+        )
+        for method, budget in jobs:
+            policy = METHODS[method](budget)
+            for i, length in enumerate(cfg.lengths):
+                for j, depth in enumerate(cfg.depths):
+                    cell = _cell(weights, policy, length, depth, cfg, i, j)
+                    rows.append(
+                        {
+                            "method": method,
+                            "budget": budget,
+                            "length": length,
+                            "depth": depth,
+                            **cell,
+                        }
+                    )
+                    bar.update(task, advance=1, loss=cell["accuracy"])
+    return {
+        "config": asdict(cfg),
+        "machine": {"platform": platform.platform(), "processor": platform.machine()},
+        "seconds": time.perf_counter() - start,
+        "rows": rows,
+    }
+
+
+def save(results: dict, path: str | Path) -> Path:
+    """Write the results as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    return path
+
+
+def summary(results: dict) -> list[tuple[str, str, float, float, float]]:
+    """``(method, budget, accuracy, cache KiB, ms per token)`` averaged over lengths and depths."""
+    out = []
+    keys = sorted({(r["method"], r["budget"] or 0) for r in results["rows"]})
+    for method, budget in keys:
+        rows = [
+            r for r in results["rows"] if r["method"] == method and (r["budget"] or 0) == budget
+        ]
+        out.append(
+            (
+                method,
+                "all" if budget == 0 else str(budget),
+                float(np.mean([r["accuracy"] for r in rows])),
+                float(np.mean([r["cache_bytes"] for r in rows])) / 1024,
+                1e3 * float(np.mean([r["seconds_per_token"] for r in rows])),
+            )
+        )
+    return out
+
+
+def heat(results: dict, method: str, budget: int | None) -> tuple[np.ndarray, list, list]:
+    """Accuracy ``(depths, lengths)`` of one method and budget, with the axes' values."""
+    rows = [r for r in results["rows"] if r["method"] == method and r["budget"] == budget]
+    lengths = sorted({r["length"] for r in rows})
+    depths = sorted({r["depth"] for r in rows})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for r in rows:
+        grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["accuracy"]
+    return grid, depths, lengths
+
+
+def plot(results: dict, out_dir: str | Path, *, heat_budget: int | None = None) -> list[Path]:
+    """Save ``kv_eval_accuracy.png`` (accuracy vs budget) and ``kv_eval_heatmap.png``.
+
+    The heat maps show, per method, accuracy over depth x length at ``heat_budget`` (default:
+    the second-smallest budget evaluated, or the smallest if there is one).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    budgets = results["config"]["budgets"]
+    methods = results["config"]["methods"]
+    fig, ax = plt.subplots(figsize=(6, 3.8), layout="constrained")
+    for method in methods:
+        if method == "full":
+            acc = np.mean([r["accuracy"] for r in results["rows"] if r["method"] == "full"])
+            ax.axhline(acc, color="k", ls="--", label="full cache")
+            continue
+        ys = [
+            np.mean(
+                [
+                    r["accuracy"]
+                    for r in results["rows"]
+                    if r["method"] == method and r["budget"] == b
+                ]
+            )
+            for b in budgets
+        ]
+        ax.plot(budgets, ys, "o-", label=method)
+    ax.set(
+        xscale="log",
+        xlabel="cache budget (tokens per head)",
+        ylabel="passkey accuracy",
+        ylim=(-0.02, 1.02),
+        title="accuracy vs budget (mean over lengths and depths)",
+    )
+    ax.minorticks_off()
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.legend()
+    acc_path = out_dir / "kv_eval_accuracy.png"
+    fig.savefig(acc_path, dpi=100)
+    plt.close(fig)
+
+    if heat_budget is None:
+        heat_budget = sorted(budgets)[min(1, len(budgets) - 1)]
+    fig, axes = plt.subplots(
+        1, len(methods), figsize=(3.6 * len(methods), 3.4), squeeze=False, layout="constrained"
+    )
+    for ax, method in zip(axes[0], methods, strict=True):
+        grid, depths, lengths = heat(results, method, None if method == "full" else heat_budget)
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+        ax.set(
+            xlabel="prompt length",
+            ylabel="needle depth",
+            title=method if method == "full" else f"{method}, budget {heat_budget}",
+        )
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    heat_path = out_dir / "kv_eval_heatmap.png"
+    fig.savefig(heat_path, dpi=100)
+    plt.close(fig)
+    return [acc_path, heat_path]
+
+
+def parse_ints(text: str, name: str) -> tuple[int, ...]:
+    """``"32,64"`` -> ``(32, 64)``, with a clear error naming the option."""
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ParameterError(f"{name}: expected comma-separated integers, got {text!r}") from None
+
+
+def parse_floats(text: str, name: str) -> tuple[float, ...]:
+    """``"0,0.5"`` -> ``(0.0, 0.5)``, with a clear error naming the option."""
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ParameterError(f"{name}: expected comma-separated numbers, got {text!r}") from None
+
+
+def names(text: str | Sequence[str]) -> tuple[str, ...]:
+    """Method names from ``"full,streaming"`` or a sequence."""
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    return tuple(p.strip() for p in parts if p.strip())
+
+
+def markdown(results: dict) -> str:
+    """The summary table (:func:`summary`) as Markdown, for the docs page."""
+    lines = [
+        "| method | budget (tokens) | passkey accuracy | cache KiB | ms / decoded token |",
+        "|---|---|---|---|---|",
+    ]
+    for method, budget, acc, kib, ms in summary(results):
+        lines.append(f"| {method} | {budget} | {acc:.2f} | {kib:.1f} | {ms:.2f} |")
+    return "\n".join(lines)
