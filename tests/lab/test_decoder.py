@@ -133,3 +133,22 @@ def test_shipped_model_retrieves_passkeys_at_every_length_and_depth():
     )
     table = np.array(acc["accuracy"])
     assert table.min() >= 0.95, table
+
+
+def test_train_decoder_command_writes_weights_curve_and_accuracy(tmp_path):
+    """A few steps of ``qkv lab train-decoder``: the files it promises exist and load back."""
+    from typer.testing import CliRunner
+
+    from qkv.cli import app
+
+    out = tmp_path / "tiny.npz"
+    result = CliRunner().invoke(
+        app, ["lab", "train-decoder", "--steps", "3", "--out", str(out)], terminal_width=150
+    )
+    assert result.exit_code == 0, result.output
+    weights = dec.load(out)
+    assert weights.config == dec.DecoderConfig()
+    assert (tmp_path / "tiny_loss.json").stat().st_size > 0
+    assert (tmp_path / "tiny_loss.png").stat().st_size > 0
+    header = dec.load_header(out)
+    assert header["steps"] == 3 and "passkey" in header
