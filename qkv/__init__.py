@@ -35,6 +35,7 @@ from qkv.reference.forms import selective_attention as _selective_attention
 from qkv.reference.heads import grouped_query as _grouped_query
 from qkv.reference.heads import relative_conv as _relative_conv
 from qkv.reference.heads import sigma_diffqkv as _sigma_diffqkv
+from qkv.reference.kv import quantization as _kv_quantize
 from qkv.reference.local import biformer as _biformer
 from qkv.reference.local import davit as _davit
 from qkv.reference.local import hilo_attention as _hilo_attention
@@ -89,6 +90,10 @@ hilo = _hilo_attention.dispatched_hilo
 channel_attention = _davit.dispatched_channel_attention
 window_attention = _davit.dispatched_window_attention
 
+# kv: packed asymmetric quantisation of cached keys and values (ZipCache, SAQ)
+quantize = op(_kv_quantize.quantize, check=_kv_quantize.check_quantize)
+dequantize = op(_kv_quantize.dequantize, check=_kv_quantize.check_dequantize)
+
 # sparse: attention over per-head selected keys (the op KV selection methods feed)
 sparse_attention = op(_sparse.sparse_attention, check=_sparse.check_sparse_attention)
 
@@ -109,6 +114,7 @@ __all__ = [
     "bilevel_routing",
     "channel_attention",
     "current_backend",
+    "dequantize",
     "dgqa",
     "diffqkv",
     "flash",
@@ -122,6 +128,7 @@ __all__ = [
     "object_pe",
     "pgqa",
     "positional_attention",
+    "quantize",
     "relative_attention",
     "rope",
     "rope_alibi_harmonic",

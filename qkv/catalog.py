@@ -497,6 +497,12 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "observation-window voting, pooling, per-head top-k",
         "SnapKV: LLM Knows What You are Looking for Before Generation",
         arxiv="2404.14469",
+        code="https://github.com/FasterDecoding/SnapKV",
+        status="implemented",
+        reference="qkv.reference.kv:snapkv",
+        tests=("tests/reference/test_kv_snapkv.py",),
+        notes="a KVPolicy (SnapKV), prefill only; gqa='query' (official: per query head, union "
+        "kept per KV head) or 'mean' (kvpress); kv-eval row uses gqa='mean'",
     ),
     _m(
         "duo",
@@ -505,6 +511,11 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads",
         arxiv="2410.10819",
         code="https://github.com/mit-han-lab/duo-attention",
+        status="implemented",
+        reference="qkv.reference.kv:duo",
+        tests=("tests/reference/test_kv_duo.py",),
+        notes="gates trained by torch autograd on the lab decoder (kv.duo_training); no position "
+        "shift; prefill runs full attention, the cache is cut after it",
     ),
     _m(
         "razor",
@@ -512,6 +523,11 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "retrieval-head search; compensation token for dropped tokens",
         "RazorAttention: Efficient KV Cache Compression Through Retrieval Heads",
         arxiv="2407.15891",
+        status="implemented",
+        reference="qkv.reference.kv:razor",
+        tests=("tests/reference/test_kv_razor.py",),
+        notes="a KVPolicy (Razor) + echo/induction head search; compensation token weighted by "
+        "|D| via extra['log_weight'] (compensated_attention); the engine reads it unweighted",
     ),
     _m(
         "taskkv",
@@ -519,6 +535,10 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "semantic centre of heads, heterogeneous heads keep full cache",
         "Task-KV: Task-aware KV Cache Optimization via Semantic Differentiation of Attention Heads",
         arxiv="2501.15113",
+        status="implemented",
+        reference="qkv.reference.kv:taskkv",
+        tests=("tests/reference/test_kv_taskkv.py",),
+        notes="no official code: distance, head count and middle-token rule derived and documented",
     ),
     _m(
         "critic",
@@ -534,6 +554,14 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "normalised attention saliency; mixed-precision KV quantisation",
         "ZipCache: Accurate and Efficient KV Cache Quantization with Salient Token Identification",
         arxiv="2405.14256",
+        code="https://github.com/ThisisBillhe/ZipCache",
+        status="implemented",
+        reference="qkv.reference.kv:zipcache",
+        ops=("quantize", "dequantize"),
+        tests=("tests/reference/test_kv_zipcache.py", "tests/reference/test_kv_quantize.py"),
+        notes="a KVPolicy (ZipCache): probe-query normalised saliency (denominator='causal': "
+        "the official code's L - i), 4/2-bit channel-wise keys and channel-separable token-wise "
+        "values; the engine holds dequantised floats, exact bits in extra['quantized_bits']",
     ),
     _m(
         "zipvl",
@@ -543,7 +571,18 @@ MECHANISMS: tuple[Mechanism, ...] = (
         arxiv="2410.08584",
     ),
     _m(
-        "saq", "kv", "staircase adaptive quantisation of an MQA KV cache", _FULU, arxiv="2410.18441"
+        "saq",
+        "kv",
+        "staircase adaptive quantisation of an MQA KV cache",
+        _FULU,
+        arxiv="2410.18441",
+        status="implemented",
+        reference="qkv.reference.kv:saq",
+        ops=("quantize", "dequantize"),
+        tests=("tests/reference/test_kv_saq.py",),
+        tutorial="tutorials/kv/zipcache.py",
+        notes="a KVPolicy (SAQ): fp residual, segments stepping 8 -> 4 -> 2 bits (our choice: "
+        "the paper gives no widths); require_mqa=False applies it per KV head (kv-eval)",
     ),
     _m(
         "quota",
@@ -561,9 +600,14 @@ MECHANISMS: tuple[Mechanism, ...] = (
         status="implemented",
         reference="qkv.reference.sparse:sparse_attention",
         ops=("sparse_attention",),
-        tests=("tests/reference/test_sparse_attention.py",),
-        notes="indices (B, H, S) or (B, H, N, S), -1 = empty slot; merge_partials combines "
-        "split selections; the lab engine's decode attention; torch backend (gather)",
+        tests=(
+            "tests/reference/test_sparse_attention.py",
+            "tests/backends/test_sparse_backends.py",
+        ),
+        notes="indices (B, H, S) or (B, H, N, S), -1 = empty slot (the ragged form); a key "
+        "listed twice counts twice; merge_partials combines split selections; the lab engine's "
+        "decode attention; numba fused kernel, torch (gather ops or Triton gather kernel), "
+        "CuPy sparse_fwd.cu (compiled, not yet run on a GPU)",
     ),
     _m(
         "tokenselect",
@@ -573,6 +617,11 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "Dynamic Token-Level KV Cache Selection",
         arxiv="2411.02886",
         code="https://github.com/pzs19/TokenSelect",
+        status="implemented",
+        reference="qkv.reference.sparse:tokenselect",
+        tests=("tests/reference/test_sparse_tokenselect.py",),
+        notes="a KVSelector for the lab engine; selection cache on by default (off in the "
+        "released code: cache_selection=False)",
     ),
     _m(
         "tidaldecode",
@@ -580,6 +629,11 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "token-selection layers, position-persistent selection",
         "TidalDecode: Fast and Accurate LLM Decoding with Position Persistent Sparse Attention",
         arxiv="2410.05076",
+        code="https://github.com/DerrickYLJ/TidalDecode",
+        status="implemented",
+        reference="qkv.reference.sparse:tidaldecode",
+        tests=("tests/reference/test_sparse_tidaldecode.py",),
+        notes="a KVSelector for the lab engine; per-head top-k (the official PyTorch path)",
     ),
     _m(
         "hip",
@@ -587,6 +641,11 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "hierarchical tree-search top-k pruning",
         "HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning",
         arxiv="2406.09827",
+        code="https://github.com/DeepAuto-AI/hip-attention",
+        status="implemented",
+        reference="qkv.reference.sparse:hip",
+        tests=("tests/reference/test_sparse_hip.py",),
+        notes="tree search as a decode-time KVSelector; no block-sparse kernel",
     ),
     _m(
         "actqkv",
@@ -714,6 +773,10 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "When Attention Sink Emerges in Language Models: An Empirical View",
         arxiv="2410.10781",
         code="https://github.com/sail-sg/Attention-Sink",
+        status="implemented",
+        reference="qkv.reference.analysis:sink_metric",
+        tests=("tests/reference/test_analysis_sinks.py",),
+        notes="sink rate is a fraction in [0, 1]; row_stochastic=False reads sigmoid weights",
     ),
     _m(
         "act",
@@ -721,6 +784,10 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "attention calibration of hidden sinks",
         "Unveiling and Harnessing Hidden Attention Sinks: Training-Free Attention Calibration",
         code="https://github.com/GATECH-EIC/ACT",
+        status="implemented",
+        reference="qkv.reference.analysis:act",
+        tests=("tests/reference/test_analysis_act.py",),
+        notes="heads are named by the caller (no head search); rows still sum to one",
     ),
     _m(
         "var",
@@ -728,6 +795,10 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "visual-sink detection and attention redistribution",
         "See What You Are Told: Visual Attention Sink in Large Multimodal Models",
         code="https://github.com/MICV-yonsei/VisAttnSink",
+        status="implemented",
+        reference="qkv.reference.analysis:var",
+        tests=("tests/reference/test_analysis_var.py",),
+        notes="no vision model here: a designated MiniLM text segment plays the image",
     ),
     _m(
         "retrieval_heads",
@@ -736,6 +807,11 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "Retrieval Head Mechanistically Explains Long-Context Factuality",
         arxiv="2404.15574",
         code="https://github.com/nightdessert/Retrieval_Head",
+        status="implemented",
+        reference="qkv.reference.analysis:retrieval_heads",
+        tests=("tests/reference/test_analysis_retrieval.py",),
+        notes="paper's deduplicated set by default; dedupe=False counts every step (official "
+        "code); masking = zeroing the head's output on the lab decoder",
     ),
     _m(
         "circuits",

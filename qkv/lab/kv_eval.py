@@ -19,6 +19,7 @@ like the needle-in-a-haystack figures.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
@@ -31,17 +32,21 @@ import numpy as np
 from qkv.errors import ParameterError
 from qkv.lab import decoder as dec
 from qkv.lab import engine, tasks
-from qkv.reference.kv import KVPolicy, StreamingLLM
+from qkv.reference import kv, sparse
+from qkv.reference.kv import KVPolicy, KVSelector, StreamingLLM
 
-#: ``name -> (budget -> policy)``; ``None`` means the full cache.
-METHODS: dict[str, Callable[[int], KVPolicy | None]] = {
+Method = KVPolicy | KVSelector | None
+#: ``name -> (budget -> method)``: a cache policy (the budget is the tokens kept per KV head),
+#: a decode-time selector (the budget is the keys read per step), or ``None`` (the full cache).
+METHODS: dict[str, Callable[[int], Method]] = {
     "full": lambda budget: None,
     "streaming": lambda budget: StreamingLLM(n_sink=4, recent=budget - 4),
 }
 
 
-def register(name: str, factory: Callable[[int], KVPolicy | None]) -> None:
-    """Add a method to the harness: ``factory(budget)`` builds its policy for one budget."""
+def register(name: str, factory: Callable[[int], Method]) -> None:
+    """Add a method to the harness: ``factory(budget)`` builds its policy or selector for one
+    budget (a fresh one per cell, so a selector's per-sequence state never leaks)."""
     if not isinstance(name, str) or not name:
         raise ParameterError(f"name: expected a non-empty str, got {name!r}")
     METHODS[name] = factory
@@ -85,7 +90,7 @@ class EvalConfig:
 
 def _cell(
     weights: dec.DecoderWeights,
-    policy: KVPolicy | None,
+    method: Method,
     length: int,
     depth: float,
     cfg: EvalConfig,
@@ -98,7 +103,9 @@ def _cell(
     ]
     prompts = np.stack([e.prompt for e in exs])  # (per_cell, length)
     answers = np.stack([e.answer for e in exs])  # (per_cell, digits)
-    g = engine.generate(weights, prompts, answers.shape[1], policy=policy)
+    policy = method if isinstance(method, KVPolicy) else None
+    selector = method if isinstance(method, KVSelector) else None
+    g = engine.generate(weights, prompts, answers.shape[1], policy=policy, selector=selector)
     return {
         "accuracy": float(np.mean(np.all(g.tokens == answers, axis=1))),
         "cache_bytes": g.cache.nbytes() / len(exs),
@@ -142,10 +149,10 @@ def run(
             "kv-eval", total=len(jobs) * len(cfg.lengths) * len(cfg.depths), loss=float("nan")
         )
         for method, budget in jobs:
-            policy = METHODS[method](budget)
             for i, length in enumerate(cfg.lengths):
                 for j, depth in enumerate(cfg.depths):
-                    cell = _cell(weights, policy, length, depth, cfg, i, j)
+                    built = METHODS[method](budget)
+                    cell = _cell(weights, built, length, depth, cfg, i, j)
                     rows.append(
                         {
                             "method": method,
@@ -302,3 +309,54 @@ def markdown(results: dict) -> str:
     for method, budget, acc, kib, ms in summary(results):
         lines.append(f"| {method} | {budget} | {acc:.2f} | {kib:.1f} | {ms:.2f} |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the catalog's methods
+# Each KV or sparse method of the catalog, with the settings the harness runs it at.
+
+
+@functools.cache
+def _razor_heads() -> tuple[tuple[int, int], ...]:
+    """Retrieval heads of the shipped lab decoder (RazorAttention's echo/induction search)."""
+    from qkv.reference.kv import razor_policy as rp
+
+    weights = dec.load()
+    probe = rp.repeated_tokens(
+        np.random.default_rng(0), period=128, repeats=4, low=tasks.FILLER0, high=128, bos=1
+    )
+    _, maps = dec.forward(weights, probe, return_attention=True)  # (L, 1, H, S, S)
+    echo, induction = rp.head_scores(maps[:, 0].astype(np.float64), 128)  # (L, H) each
+    n_kv = weights.config.n_kv_heads
+    return rp.retrieval_heads(rp.per_kv_head(echo, n_kv), rp.per_kv_head(induction, n_kv))
+
+
+def _duo(budget: int) -> KVPolicy:
+    from qkv.reference.kv.duo_training import lab_gates  # trains the gates once (torch)
+
+    return kv.DuoAttention.for_budget(lab_gates(), budget, n_sink=4, sparsity=0.5)
+
+
+# cache policies: the budget is the tokens each KV head keeps (the KVCache-Factory settings for
+# SnapKV; half the heads streaming for DuoAttention)
+register(
+    "snapkv",
+    lambda budget: kv.SnapKV(
+        budget=budget, window=min(8, budget - 1), kernel=7, pooling="maxpool", gqa="mean"
+    ),
+)
+register("razor", lambda budget: kv.Razor(retrieval=_razor_heads(), local_capacity=budget))
+register("duo", _duo)
+register(
+    "taskkv", lambda budget: kv.TaskKV(budget=budget, n_sink=4, recent=max(1, budget // 2 - 4))
+)
+# quantisers keep every token (the budget is SAQ's full-precision segment); the engine holds
+# dequantised floats and the exact quantised size is in extra["quantized_bits"]
+register("zipcache", lambda budget: kv.ZipCache())
+register("saq", lambda budget: kv.SAQ(segment=budget, require_mqa=False))
+# decode-time selectors: the budget is the keys each query head reads per step
+register("tokenselect", lambda budget: sparse.TokenSelect(n_init=4, n_local=8, top_k=budget - 12))
+register(
+    "tidaldecode",
+    lambda budget: sparse.TidalDecode(top_k=budget, sparse_layer_start=1, correction_layer=2),
+)
+register("hip", lambda budget: sparse.HiP(mask_k=max(budget - 8, 1), sliding_window=8))

@@ -59,6 +59,7 @@ def test_every_kernel_source_is_listed() -> None:
         "relative_fwd.cu",
         "rope.cu",
         "sigmoid_fwd.cu",
+        "sparse_fwd.cu",
         "tensor_fwd.cu",
     }
     assert {p.name for p in _launch.KERNEL_DIR.glob("*.cuh")} == {"common.cuh"}

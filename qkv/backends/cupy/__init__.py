@@ -322,3 +322,28 @@ def relative_attention(
         kernel = _launch._kernel(device.id, "relative_fwd.cu", (), f"qkv_relative_fwd_{element}", 0)
         kernel((N, H, B), (128, 1, 1), args)
     return out
+
+
+# sparse: attention over per-head selected keys (sparse_fwd.cu, split over slots and merged)
+def sparse_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    indices: Any,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> Any:
+    """Attention over per-head selected keys on the GPU (``sparse_fwd.cu``); the reference's
+    semantics (see :func:`qkv.reference.sparse.selected_keys.sparse_attention`).
+
+    ``q (B, H, N, D)``, ``k (B, Hkv, M, D)``, ``v (B, Hkv, M, Dv)`` as CuPy arrays, float16 or
+    float32, integer ``indices (B, H, S)`` or ``(B, H, N, S)`` (``-1`` = empty slot); returns
+    ``O (B, H, N, Dv)`` in the input dtype (and ``lse`` float32 with ``return_lse``). One warp
+    per (row, slot chunk) gathers only the selected rows, the chunks merged by log-sum-exp.
+    Declines (reference fallback) float64 and head dims over 256. Compiled, not yet run on a GPU.
+    """
+    from qkv.backends.cupy import _sparse
+
+    out, lse = _sparse.sparse_forward(q, k, v, indices, scale=scale)
+    return (out, lse) if return_lse else out

@@ -302,3 +302,26 @@ def sdim(
     from qkv.backends.numba import _sdim
 
     return _sdim.sdim(targets, behaviours, planes, valid=valid, normalize=normalize)
+
+
+# sparse: attention over per-head selected keys (fused gather-and-attend, one pass per row)
+def sparse_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    indices: np.ndarray,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Attention over per-head selected keys; same arguments and results as
+    :func:`qkv.reference.sparse.selected_keys.sparse_attention`.
+
+    ``q (B, H, N, D)``, ``k (B, Hkv, M, D)``, ``v (B, Hkv, M, Dv)``, ``indices (B, H, S)`` or
+    ``(B, H, N, S)`` (``-1`` = empty slot). Reads only the selected key and value rows (see
+    :mod:`qkv.backends.numba._sparse`).
+    """
+    _native(q)
+    from qkv.backends.numba import _sparse
+
+    return _sparse.sparse_attention(q, k, v, indices, scale=scale, return_lse=return_lse)

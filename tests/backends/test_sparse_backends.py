@@ -1,0 +1,311 @@
+"""``sparse_attention`` on every backend against an explicit float64 loop.
+
+* numba: the fused gather-and-attend kernel, both dtypes, per-head and per-query index lists,
+  empty slots and empty rows, duplicated indices, grouped heads, log-sum-exp;
+* torch: the Triton kernel under the interpreter (its gathers run there), with the slot list
+  split over several programs and merged, float32 and float16 (``cuda`` variants marked
+  ``gpu``), and the torch-ops path where autograd is needed;
+* cupy: ``sparse_fwd.cu`` compiled with ``nvcc -arch=sm_90``, its arguments checked against
+  the PTX signature, the split merge checked in NumPy; ``gpu`` tests compare it with the
+  loop where a GPU is lent (compiled, not yet run on a GPU);
+* the conformance kit's drawn cases (``qkv.testing.ops_sparse``) on numba and torch, and the
+  64k-key benchmark's ``--quick`` mode (it runs; no timing is asserted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _helpers import needs_nvcc, nvcc, ptx_params
+
+from qkv import _outputs
+from qkv.backends import cupy as cupy_backend
+from qkv.backends import numba as numba_backend
+from qkv.backends._split import split_slots
+from qkv.backends.cupy import _sparse as cupy_sparse
+from qkv.backends.cupy._launch import KERNEL_DIR
+from qkv.errors import Unsupported
+from qkv.reference.sparse.selected_keys import check_sparse_attention
+
+ROOT = Path(__file__).resolve().parents[2]
+TOL = {np.float32: 2e-5, np.float64: 1e-12}
+
+
+def loop_attention(q, k, v, idx, scale=None):
+    """Row by row in float64: softmax over the listed keys (each listed entry one term)."""
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    B, H, N, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    scale = D**-0.5 if scale is None else scale
+    idx = np.asarray(idx)
+    out, lse = np.zeros((B, H, N, Dv)), np.full((B, H, N), -np.inf)
+    for b in range(B):
+        for h in range(H):
+            g = h // (H // Hkv)
+            for i in range(N):
+                row = idx[b, h, i] if idx.ndim == 4 else idx[b, h]
+                js = [int(j) for j in row if j >= 0]
+                if not js:
+                    continue
+                s = np.array([scale * q[b, h, i] @ k[b, g, j] for j in js])
+                w = np.exp(s - s.max())
+                out[b, h, i] = w @ v[b, g, js] / w.sum()
+                lse[b, h, i] = s.max() + np.log(w.sum())
+    return out, lse
+
+
+def make_case(seed, *, B=2, H=4, Hkv=2, N=3, M=40, D=16, Dv=8, S=11, per_query=True):
+    rng = np.random.default_rng(seed)
+    q = 2.0 * rng.standard_normal((B, H, N, D))
+    k = rng.standard_normal((B, Hkv, M, D))
+    v = rng.standard_normal((B, Hkv, M, Dv))
+    idx = rng.integers(0, M, size=(B, H, N, S) if per_query else (B, H, S))
+    idx = np.where(rng.uniform(size=idx.shape) < 0.25, -1, idx)
+    idx[0, 1] = -1  # a head (every query of it) with no key at all
+    return q, k, v, idx
+
+
+def assert_close(got, want, tol, name="out"):
+    got = np.asarray(got, dtype=np.float64)
+    assert not np.isnan(got).any(), f"{name}: NaN (an unwritten element?)"
+    finite = np.isfinite(want)
+    assert (np.isinf(got) == ~finite).all(), f"{name}: -inf in the wrong places"
+    np.testing.assert_allclose(got[finite], want[finite], rtol=tol, atol=tol, err_msg=name)
+
+
+def call_checked(module, q, k, v, idx, **kw):
+    """A backend's ``sparse_attention`` after the public boundary's checks, poisoned outputs."""
+    check_sparse_attention(q, k, v, idx, **kw)
+    with _outputs.poisoned():
+        return module.sparse_attention(q, k, v, idx, **kw)
+
+
+# --------------------------------------------------------------------------- numba
+
+needs_numba = pytest.mark.skipif(
+    not numba_backend.available()[0], reason=f"numba: {numba_backend.available()[1]}"
+)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("per_query", [True, False], ids=["per-query", "per-head"])
+def test_numba_matches_loop(dtype, per_query):
+    q, k, v, idx = make_case(1, per_query=per_query)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    out, lse = call_checked(numba_backend, q, k, v, idx, scale=0.3, return_lse=True)
+    want, want_lse = loop_attention(q, k, v, idx, scale=0.3)
+    assert out.dtype == lse.dtype == np.dtype(dtype)
+    assert_close(out, want, TOL[dtype])
+    assert_close(lse, want_lse, TOL[dtype], "lse")
+    assert (out[0, 1] == 0).all()  # the empty head: zeros, not NaN
+
+
+@needs_numba
+def test_numba_duplicates_count_twice_and_large_logits_are_stable():
+    """A key listed twice weighs as if its score were ``+ log 2``; logits of 1e3 stay finite."""
+    rng = np.random.default_rng(2)
+    q = 1e3 * rng.standard_normal((1, 1, 1, 4))
+    k, v = rng.standard_normal((2, 1, 1, 6, 4))
+    twice = np.array([[[0, 3, 3, 5]]])
+    out, lse = call_checked(numba_backend, q, k, v, twice, return_lse=True)
+    want, want_lse = loop_attention(q, k, v, twice)
+    assert_close(out, want, 1e-12)
+    assert_close(lse, want_lse, 1e-12, "lse")
+    q = q * 1e-3  # moderate logits: compare with the score shift written out
+    out = numba_backend.sparse_attention(q, k, v, twice)
+    s = 0.5 * q[0, 0, 0] @ k[0, 0, [0, 3, 5]].T + np.log([1.0, 2.0, 1.0])
+    w = np.exp(s - s.max())
+    np.testing.assert_allclose(out[0, 0, 0], w @ v[0, 0, [0, 3, 5]] / w.sum(), rtol=1e-12)
+
+
+@needs_numba
+def test_numba_declines_half_precision():
+    q, k, v, idx = make_case(0)
+    with pytest.raises(Unsupported, match="float32 and float64"):
+        numba_backend.sparse_attention(*(x.astype(np.float16) for x in (q, k, v)), idx)
+
+
+# --------------------------------------------------------------------------- torch / Triton
+
+torch = pytest.importorskip("torch")
+
+from qkv.backends import torch as torch_backend  # noqa: E402
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def triton_device_or_skip(device):
+    pytest.importorskip("triton")
+    if device == "cuda":
+        if os.environ.get("QKV_GPU", "") in ("", "0") or not torch.cuda.is_available():
+            pytest.skip("needs an NVIDIA GPU and QKV_GPU=1 (make gpu-check)")
+    else:
+        from qkv.backends.torch.triton import sparse as kernel
+
+        if not kernel.interpreted():
+            pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
+    return torch.device(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [None, 5, 16], ids=["one-split", "chunk5", "chunk16"])
+@pytest.mark.parametrize("per_query", [True, False], ids=["per-query", "per-head"])
+def test_triton_kernel_matches_loop(device, chunk, per_query):
+    """The fused kernel, its slot list cut into splits (merged by lse) where ``chunk`` says."""
+    device = triton_device_or_skip(device)
+    from qkv.backends.torch.triton.sparse import sparse_forward
+
+    q, k, v, idx = make_case(3, per_query=per_query, S=37)
+    want, want_lse = loop_attention(q, k, v, idx, scale=0.25)
+    for dtype, tol in ((torch.float32, 2e-5), (torch.float16, 4e-3)):
+        args = [torch.from_numpy(x).to(device=device, dtype=dtype) for x in (q, k, v)]
+        index = torch.from_numpy(idx).to(device)
+        out, lse = sparse_forward(*args, index, scale=0.25, chunk=chunk, block_s=16)
+        assert out.dtype == dtype and lse.dtype == torch.float32
+        got = out.cpu().double().numpy()
+        ref16 = loop_attention(*(a.cpu().double().numpy() for a in args), idx, scale=0.25)[0]
+        assert_close(got, want if dtype == torch.float32 else ref16, tol)
+        assert_close(lse.cpu().numpy(), want_lse, tol, "lse")
+
+
+def test_torch_dispatch_runs_the_kernel_or_torch_ops():
+    """Through the backend: the kernel where it applies, torch ops (with autograd) otherwise."""
+    q, k, v, idx = make_case(4)
+    want, want_lse = loop_attention(q, k, v, idx)
+    t = [torch.from_numpy(x.astype(np.float32)) for x in (q, k, v)]
+    out, lse = call_checked(torch_backend, *t, torch.from_numpy(idx), return_lse=True)
+    assert_close(out.numpy(), want, 2e-5)
+    assert_close(lse.numpy(), want_lse, 2e-5, "lse")
+    t64 = [torch.from_numpy(x).requires_grad_() for x in (q, k, v)]
+    out = torch_backend.sparse_attention(*t64, torch.from_numpy(idx))
+    assert_close(out.detach().numpy(), want, 1e-12)
+    out.sum().backward()
+    assert t64[0].grad is not None and torch.isfinite(t64[0].grad).all()
+
+
+def test_split_plan_covers_every_slot_once():
+    for rows, slots in [(8, 6553), (8, 655), (1, 65536), (4096, 100), (3, 10)]:
+        chunk, n = split_slots(rows, slots, programs=1024, min_chunk=64, multiple=16)
+        assert (n - 1) * chunk < slots <= n * chunk
+        assert n == 1 or (chunk % 16 == 0 and chunk >= 64)
+        assert rows * n <= max(1024, rows) + rows  # about the programs asked for
+
+
+# --------------------------------------------------------------------------- cupy
+
+SOURCE = KERNEL_DIR / "sparse_fwd.cu"
+CUPY_OK, CUPY_WHY = cupy_backend.available()
+requires_gpu = pytest.mark.skipif(not CUPY_OK, reason=f"cupy backend: {CUPY_WHY}")
+
+
+@needs_nvcc
+def test_cupy_kernel_compiles_for_sm90(tmp_path):
+    nvcc(SOURCE, tmp_path / "k.cubin", "-cubin")
+
+
+@needs_nvcc
+def test_cupy_arguments_match_the_kernel_signature(tmp_path):
+    ptx = tmp_path / "k.ptx"
+    nvcc(SOURCE, ptx, "--ptx")
+    params = ptx_params(ptx)
+
+    def ptx_type(arg):
+        if isinstance(arg, np.ndarray):
+            return "u64"
+        assert isinstance(arg, np.generic), f"unsized Python scalar {arg!r}"
+        return {"i4": "u32", "i8": "u64", "f4": "f32"}[arg.dtype.str[1:]]
+
+    q = np.zeros((1, 8, 1, 64), np.float16)
+    k = v = np.zeros((1, 2, 4096, 64), np.float16)
+    idx = np.broadcast_to(np.zeros((1, 8, 1, 400), np.int64), (1, 8, 1, 400))
+    chunk, n_splits, grid = cupy_sparse.launch_plan(8, 400, 64, 64)
+    part_o, part_lse = np.zeros((8, n_splits, 64), np.float32), np.zeros((8, n_splits), np.float32)
+    args = cupy_sparse.sparse_arguments(
+        q, k, v, idx, part_o, part_lse, chunk=chunk, n_splits=n_splits, scale=0.125
+    )
+    for dtype in ("float16", "float32"):
+        assert [ptx_type(a) for a in args] == params[cupy_sparse.kernel_name(dtype)]
+    assert grid[0] * cupy_sparse.WARPS >= 8 * n_splits and (n_splits - 1) * chunk < 400
+
+
+def test_cupy_split_merge_equals_the_union():
+    """The host merge (NumPy here) of per-chunk results equals attention over all slots."""
+    q, k, v, idx = make_case(5, B=1, H=2, Hkv=1, N=1, S=30)
+    chunks = [idx[..., a : a + 8] for a in range(0, 30, 8)]
+    parts = [loop_attention(q, k, v, c) for c in chunks]
+    part_o = np.stack([o.reshape(2, -1) for o, _ in parts], axis=1).astype(np.float32)
+    part_lse = np.stack([s.reshape(2) for _, s in parts], axis=1).astype(np.float32)
+    out, lse = cupy_sparse.merge_splits(part_o, part_lse, np)
+    want, want_lse = loop_attention(q, k, v, idx)
+    assert_close(out.reshape(want.shape), want, 2e-6)
+    assert_close(lse.reshape(want_lse.shape), want_lse, 2e-6, "lse")
+
+
+def test_cupy_declines_what_the_kernel_cannot_do():
+    with pytest.raises(Unsupported, match="float16 and float32"):
+        cupy_sparse.kernel_name("float64")
+    with pytest.raises(Unsupported, match="head dims up to 256"):
+        cupy_sparse.launch_plan(8, 100, 300, 64)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("per_query", [True, False], ids=["per-query", "per-head"])
+def test_cupy_matches_loop(per_query):
+    import cupy
+
+    q, k, v, idx = make_case(6, per_query=per_query, S=300, M=500)
+    want, want_lse = loop_attention(q, k, v, idx)
+    for dtype, tol in ((np.float32, 2e-5), (np.float16, 4e-3)):
+        args = [cupy.asarray(x.astype(dtype)) for x in (q, k, v)]
+        out, lse = call_checked(cupy_backend, *args, cupy.asarray(idx), return_lse=True)
+        assert out.dtype == dtype
+        assert_close(cupy.asnumpy(out), want, tol)
+        assert_close(cupy.asnumpy(lse), want_lse, 2e-5, "lse")
+
+
+# --------------------------------------------------------------------------- conformance kit
+
+
+@pytest.mark.parametrize(
+    ("backend", "examples", "dtypes"),
+    [("numba", 25, ("float32",)), ("torch", 10, ("float32", "float16"))],
+)
+def test_conformance_kit(backend, examples, dtypes):
+    """The kit's drawn cases (under ``TRITON_INTERPRET=1`` torch runs the Triton kernel)."""
+    from qkv.testing import check_backend
+
+    report = check_backend(backend, ops=["sparse_attention"], max_examples=examples, dtypes=dtypes)
+    assert report.ok, report
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+@needs_numba
+def test_benchmark_quick_mode_runs(tmp_path):
+    """``benchmarks/sparse.py --quick`` writes its JSON and PNG (sizes, not speed)."""
+    out = tmp_path / "sparse.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sparse.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert {row["backend"] for row in data["timings"]} >= {"numba", "torch"}
+    assert all(row["ms"] > 0 and row["max_abs_err"] < 1e-4 for row in data["timings"])
+    assert out.with_suffix(".png").stat().st_size > 0
+    from qkv.bench import render_markdown
+
+    assert "timings" in render_markdown(out)
