@@ -20,11 +20,8 @@ reference slope. ``--quick`` runs tiny sizes (a smoke run; its numbers mean noth
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +33,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # qkv from this checkout when it is not installed
+
+from _common import arguments, environment  # noqa: E402  (this folder is on sys.path)
 
 import qkv  # noqa: E402
 from qkv.lab.notebook import show_table  # noqa: E402
@@ -168,32 +167,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def environment() -> dict[str, Any]:
-    import numba
-    import torch
-
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "numba_threads": numba.get_num_threads(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "loadavg": list(os.getloadavg()),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=ROOT / "benchmarks" / "results" / "neighborhood_cpu.json",
-        help="JSON output path (the PNG is written next to it)",
-    )
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, ROOT / "benchmarks" / "results" / "neighborhood_cpu.json", argv)
     budget_s = 0.05 if args.quick else 1.0
     rng = np.random.default_rng(0)
     started = time.monotonic()

@@ -23,9 +23,7 @@ import os
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: CPU timings only
 
-import argparse
 import json
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +34,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # qkv from this checkout when it is not installed
+
+from _common import arguments, environment  # noqa: E402  (this folder is on sys.path)
 
 import qkv  # noqa: E402
 from qkv.lab.notebook import show_table  # noqa: E402
@@ -131,32 +131,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def environment() -> dict[str, Any]:
-    import numba
-    import torch
-
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "numba_threads": numba.get_num_threads(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "loadavg": list(os.getloadavg()),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=ROOT / "benchmarks" / "results" / "sparse_cpu.json",
-        help="JSON output path (the PNG is written next to it)",
-    )
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, ROOT / "benchmarks" / "results" / "sparse_cpu.json", argv)
     M = 2048 if args.quick else 65536
     budget_s = 0.05 if args.quick else 1.0
     started = time.monotonic()

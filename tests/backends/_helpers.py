@@ -40,3 +40,15 @@ def ptx_params(ptx: Path) -> dict[str, list[str]]:
     """Each entry point's parameter types (``u64``, ``u32``, ``f32``...) in a PTX file."""
     entries = re.findall(r"\.entry\s+(\w+)\s*\(([^)]*)\)", ptx.read_text())
     return {name: re.findall(r"\.param\s+\.(\w+)", params) for name, params in entries}
+
+
+def ptx_arg_type(arg: object) -> str:
+    """The PTX parameter type that CuPy's packing of the kernel argument ``arg`` lands in."""
+    import numpy as np
+
+    from qkv.backends.cupy import _launch
+
+    if isinstance(arg, np.ndarray) or arg is _launch.NULL:
+        return "u64"  # a device pointer
+    assert isinstance(arg, np.generic), f"unsized Python scalar {arg!r} in kernel arguments"
+    return {"i4": "u32", "i8": "u64", "f4": "f32", "f8": "f64"}[arg.dtype.str[1:]]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers import NVCC, needs_nvcc, nvcc, ptx_params
+from _helpers import NVCC, needs_nvcc, nvcc, ptx_arg_type, ptx_params
 
 import qkv
 from qkv import _checks, _dispatch, _outputs
@@ -111,14 +111,6 @@ def _ptx_params(source: Path, tmp_path: Path) -> dict[str, list[str]]:
     return ptx_params(ptx)
 
 
-def _ptx_type(arg: object) -> str:
-    """The PTX parameter type CuPy's packing of ``arg`` lands in."""
-    if isinstance(arg, np.ndarray) or arg is _launch.NULL:
-        return "u64"  # a device pointer
-    assert isinstance(arg, np.generic), f"unsized Python scalar {arg!r} in kernel arguments"
-    return {"i4": "u32", "i8": "u64", "f4": "f32", "f8": "f64"}[arg.dtype.str[1:]]
-
-
 @needs_nvcc
 def test_flash_arguments_match_kernel_signatures(tmp_path: Path) -> None:
     params = _ptx_params(_launch.KERNEL_DIR / "flash_fwd.cu", tmp_path)
@@ -135,9 +127,9 @@ def test_flash_arguments_match_kernel_signatures(tmp_path: Path) -> None:
             args = _launch.flash_arguments(
                 plan, dims, q, k, v, mask, out, lse, *partials, scale=0.125, causal=True
             )
-            assert [_ptx_type(a) for a in args] == params[plan.kernel]
+            assert [ptx_arg_type(a) for a in args] == params[plan.kernel]
         combined = _launch.combine_arguments(plan, *parts, out, lse)
-        assert [_ptx_type(a) for a in combined] == params[plan.combine]
+        assert [ptx_arg_type(a) for a in combined] == params[plan.combine]
 
 
 @needs_nvcc
@@ -148,7 +140,7 @@ def test_rope_arguments_match_kernel_signatures(tmp_path: Path) -> None:
     for positions in (None, np.arange(5), np.zeros((2, 5), np.int64)):
         args = _launch.rope_arguments(x, x, positions, theta, 3, "half")
         for element in ("f16", "f32", "f64"):
-            assert [_ptx_type(a) for a in args] == params[f"qkv_rope_{element}"]
+            assert [ptx_arg_type(a) for a in args] == params[f"qkv_rope_{element}"]
 
 
 def _load_nvrtc() -> ctypes.CDLL | None:

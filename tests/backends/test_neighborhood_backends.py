@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers import needs_nvcc, nvcc, ptx_params
+from _helpers import needs_nvcc, nvcc, ptx_arg_type, ptx_params
 
 from qkv import _dispatch, _outputs
 from qkv.backends import cupy as cupy_backend
@@ -207,21 +207,10 @@ requires_gpu = pytest.mark.skipif(not CUPY_OK, reason=f"cupy backend: {CUPY_WHY}
 
 
 @needs_nvcc
-def test_cupy_kernel_compiles_for_sm90(tmp_path):
-    nvcc(SOURCE, tmp_path / "k.cubin", "-cubin")
-
-
-@needs_nvcc
 def test_cupy_arguments_match_the_kernel_signature(tmp_path):
     ptx = tmp_path / "k.ptx"
     nvcc(SOURCE, ptx, "--ptx")
     params = ptx_params(ptx)
-
-    def ptx_type(arg):
-        if isinstance(arg, np.ndarray):
-            return "u64"
-        assert isinstance(arg, np.generic), f"unsized Python scalar {arg!r}"
-        return {"i4": "u32", "i8": "u64", "f4": "f32"}[arg.dtype.str[1:]]
 
     q = np.zeros((2, 4, 6, 7, 64), np.float16)
     k = v = np.zeros((2, 2, 6, 7, 64), np.float16)
@@ -230,7 +219,7 @@ def test_cupy_arguments_match_the_kernel_signature(tmp_path):
     out, lse = np.zeros((2, 4, 42, 64), np.float16), np.zeros((2, 4, 42), np.float32)
     args = cupy_neighborhood.neighborhood_arguments(dims, *flat, out, lse, scale=0.125)
     for dtype in ("float16", "float32"):
-        assert [ptx_type(a) for a in args] == params[cupy_neighborhood.kernel_name(dtype)]
+        assert [ptx_arg_type(a) for a in args] == params[cupy_neighborhood.kernel_name(dtype)]
     axes = [int(a) for a in args[20:35]]  # the grid and per-axis values, padded to three axes
     assert axes == [1, 6, 7, 1, 3, 5, 1, 2, 1, 1, 1, 1, 0, 1, 0]
     assert cupy_neighborhood.launch_grid(dims) == (2 * 4 * 42 // 4, 1, 1)

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 import pytest
-from _helpers import needs_nvcc, nvcc, ptx_params
+from _helpers import needs_nvcc, nvcc, ptx_arg_type, ptx_params
 
 from qkv import _checks, _dispatch, _outputs
 from qkv.backends import cupy as cupy_backend
@@ -260,12 +260,6 @@ def test_cupy_arguments_match_the_kernel_signature(tmp_path):
     nvcc(SOURCE, ptx, "--ptx", *_launch.tile_config(64, 64).defines())
     params = ptx_params(ptx)
 
-    def ptx_type(arg):
-        if isinstance(arg, np.ndarray) or arg is _launch.NULL:
-            return "u64"
-        assert isinstance(arg, np.generic), f"unsized Python scalar {arg!r}"
-        return {"i4": "u32", "i8": "u64", "f4": "f32"}[arg.dtype.str[1:]]
-
     dims = _checks.AttentionDims(2, 4, 2, 5, 70, 64, 64)
     q, out = np.zeros((2, 4, 5, 64), np.float16), np.zeros((2, 4, 5, 64), np.float16)
     k = v = np.zeros((2, 2, 70, 64), np.float16)
@@ -278,7 +272,7 @@ def test_cupy_arguments_match_the_kernel_signature(tmp_path):
             args = _launch.sigmoid_arguments(
                 dims, q, k, v, m, s, out, scale=0.125, bias=-4.2, causal=True
             )
-            assert [ptx_type(a) for a in args] == params[plan.kernel]
+            assert [ptx_arg_type(a) for a in args] == params[plan.kernel]
 
 
 def test_cupy_plan_declines_what_the_device_cannot_hold():

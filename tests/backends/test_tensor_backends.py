@@ -311,7 +311,7 @@ def test_dispatched_tensor_runs_natively_on_torch(monkeypatch):
 
 # --------------------------------------------------------------------------- cupy
 
-from _helpers import needs_nvcc, nvcc, ptx_params  # noqa: E402
+from _helpers import needs_nvcc, nvcc, ptx_arg_type, ptx_params  # noqa: E402
 
 from qkv import _checks  # noqa: E402
 from qkv.backends import cupy as cupy_backend  # noqa: E402
@@ -345,12 +345,6 @@ def test_cupy_arguments_match_the_kernel_signature(tmp_path):
     nvcc(SOURCE, ptx, "--ptx", *_launch.tile_config(64, 64).defines())
     params = ptx_params(ptx)
 
-    def ptx_type(arg):
-        if isinstance(arg, np.ndarray):
-            return "u64"  # a device pointer
-        assert isinstance(arg, np.generic), f"unsized Python scalar {arg!r}"
-        return {"i4": "u32", "i8": "u64", "f4": "f32"}[arg.dtype.str[1:]]
-
     dims = _checks.AttentionDims(2, 4, 2, 70, 9, 64, 64)
     q, out = np.zeros((2, 4, 70, 64), np.float16), np.zeros((2, 4, 70, 64), np.float16)
     k = np.zeros((2, 2, 9, 64), np.float16)
@@ -358,7 +352,7 @@ def test_cupy_arguments_match_the_kernel_signature(tmp_path):
         plan = _launch.plan_tensor(dims, element, smem_limit=232448)
         assert plan.grid == (2, 4, 2) and plan.smem == plan.config.simt_smem
         args = _launch.tensor_arguments(dims, q, k, k, k, k, out, scale=0.5)
-        assert [ptx_type(a) for a in args] == params[plan.kernel]
+        assert [ptx_arg_type(a) for a in args] == params[plan.kernel]
 
 
 def test_cupy_plan_declines_what_the_device_cannot_hold():

@@ -74,6 +74,41 @@ __device__ __forceinline__ void load_tile(float* dst, const T* src, long long st
     }
 }
 
+// ------------------------------------------------------------------ one warp per query row
+// The sum of x over the 32 lanes of the warp, in every lane.
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+    return x;
+}
+
+// One key of the online softmax of a warp that owns one query row: lane `lane` holds elements
+// lane + 32 c of the query `qr` (pre-scaled by scale * log2 e) and of the accumulator `acc`.
+// Scores the key row `krow` (D elements), then rescales (m, l, acc) and adds the value row
+// `vrow` (Dv elements): m is the running max of the base-2 scores, l the running sum.
+template <int kPerLane, typename T>
+__device__ __forceinline__ void warp_attend_key(const float (&qr)[kPerLane], const T* krow,
+                                                const T* vrow, int D, int Dv, int lane, float& m,
+                                                float& l, float (&acc)[kPerLane]) {
+    float part = 0.f;
+#pragma unroll
+    for (int c = 0; c < kPerLane; ++c) {
+        const int e = lane + 32 * c;
+        if (e < D) part = fmaf(qr[c], to_float(krow[e]), part);
+    }
+    const float s = warp_sum(part);  // every lane holds the score (base 2)
+    const float m_new = fmaxf(m, s);
+    const float alpha = exp2f(m - m_new);  // 0 on the first key (m = -inf)
+    const float w = exp2f(s - m_new);
+    l = l * alpha + w;
+#pragma unroll
+    for (int c = 0; c < kPerLane; ++c) {
+        const int e = lane + 32 * c;
+        acc[c] = acc[c] * alpha + (e < Dv ? w * to_float(vrow[e]) : 0.f);
+    }
+    m = m_new;
+}
+
 }  // namespace qkv_common
 
 #endif  // QKV_COMMON_CUH

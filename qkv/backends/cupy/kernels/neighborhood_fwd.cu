@@ -29,6 +29,7 @@ namespace qkv_neighborhood {
 using qkv_common::neg_inf;
 using qkv_common::store;
 using qkv_common::to_float;
+using qkv_common::warp_attend_key;
 
 constexpr int kWarps = 4;                      // queries per block
 constexpr int kMaxDim = 256;                   // head dims up to 256
@@ -70,12 +71,6 @@ __device__ __forceinline__ void window(int i, int L, int k, int d, int s, int c,
     }
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-    return x;
-}
-
 template <typename T>
 __device__ __forceinline__ void neighborhood_fwd(const Problem<T>& p) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -106,25 +101,7 @@ __device__ __forceinline__ void neighborhood_fwd(const Problem<T>& p) {
             const long long line = (static_cast<long long>(f0 + t0 * p.d0) * p.L1 + f1 + t1 * p.d1) * p.L2 + f2;
             for (int t2 = 0; t2 < n2; ++t2) {
                 const long long j = line + static_cast<long long>(t2) * p.d2;
-                const T* krow = kp + j * p.k_sn;
-                float part = 0.f;
-#pragma unroll
-                for (int c = 0; c < kPerLane; ++c) {
-                    const int e = lane + 32 * c;
-                    if (e < p.D) part = fmaf(qr[c], to_float(krow[e]), part);
-                }
-                const float s = warp_sum(part);  // every lane holds the score (base 2)
-                const float m_new = fmaxf(m, s);
-                const float alpha = exp2f(m - m_new);  // 0 on the first key (m = -inf)
-                const float w = exp2f(s - m_new);
-                l = l * alpha + w;
-                const T* vrow = vp + j * p.v_sn;
-#pragma unroll
-                for (int c = 0; c < kPerLane; ++c) {
-                    const int e = lane + 32 * c;
-                    acc[c] = acc[c] * alpha + (e < p.Dv ? w * to_float(vrow[e]) : 0.f);
-                }
-                m = m_new;
+                warp_attend_key(qr, kp + j * p.k_sn, vp + j * p.v_sn, p.D, p.Dv, lane, m, l, acc);
             }
         }
     }

@@ -29,6 +29,7 @@ namespace qkv_sparse {
 
 using qkv_common::neg_inf;
 using qkv_common::to_float;
+using qkv_common::warp_attend_key;
 
 constexpr int kWarps = 4;                    // (row, split) pairs per block
 constexpr int kMaxDim = 256;                 // head dims up to 256
@@ -50,12 +51,6 @@ struct Problem {
     long long i_sb, i_sh, i_sn;
     float scale_log2;  // scale * log2(e)
 };
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-    return x;
-}
 
 template <typename T>
 __device__ __forceinline__ void sparse_fwd(const Problem<T>& p) {
@@ -86,25 +81,7 @@ __device__ __forceinline__ void sparse_fwd(const Problem<T>& p) {
     for (int t = first; t < stop; ++t) {
         const long long j = ip[t];  // the same slot for every lane: one broadcast load
         if (j < 0) continue;        // an empty slot reads nothing
-        const T* krow = kp + j * p.k_sm;
-        float part_dot = 0.f;
-#pragma unroll
-        for (int c = 0; c < kPerLane; ++c) {
-            const int e = lane + 32 * c;
-            if (e < p.D) part_dot = fmaf(qr[c], to_float(krow[e]), part_dot);
-        }
-        const float s = warp_sum(part_dot);  // every lane holds the score (base 2)
-        const float m_new = fmaxf(m, s);
-        const float alpha = exp2f(m - m_new);  // 0 on the first key (m = -inf)
-        const float w = exp2f(s - m_new);
-        l = l * alpha + w;
-        const T* vrow = vp + j * p.v_sm;
-#pragma unroll
-        for (int c = 0; c < kPerLane; ++c) {
-            const int e = lane + 32 * c;
-            acc[c] = acc[c] * alpha + (e < p.Dv ? w * to_float(vrow[e]) : 0.f);
-        }
-        m = m_new;
+        warp_attend_key(qr, kp + j * p.k_sm, vp + j * p.v_sm, p.D, p.Dv, lane, m, l, acc);
     }
     const float inv = l > 0.f ? 1.f / l : 0.f;  // an empty chunk stores zeros
 #pragma unroll
