@@ -65,6 +65,31 @@ def test_every_kernel_source_is_listed() -> None:
     assert {p.name for p in _launch.KERNEL_DIR.glob("*.cuh")} == {"common.cuh"}
 
 
+#: The kernels whose tiles ``_launch.plan_simt`` plans (one shared-memory layout rule).
+SIMT_KERNELS = ("sigmoid_fwd.cu", "tensor_fwd.cu")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", SIMT_KERNELS)
+@pytest.mark.parametrize("D, Dv", [(64, 64), (3, 5), (40, 72), (128, 128), (256, 256), (8, 256)])
+def test_simt_kernel_configurations_compile(name: str, D: int, Dv: int, tmp_path: Path) -> None:
+    """Every planned tile configuration compiles (ptxas included, so malformed inline PTX fails
+    here), and the kernel's static_assert accepts the host's shared-memory size."""
+    source = _launch.KERNEL_DIR / name
+    nvcc(source, tmp_path / "k.cubin", "-cubin", *_launch.tile_config(D, Dv).defines())
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", SIMT_KERNELS)
+def test_simt_kernel_rejects_a_wrong_shared_memory_size(name: str, tmp_path: Path) -> None:
+    options = [d for d in _launch.tile_config(64, 64).defines() if "SIMT_SMEM" not in d]
+    result = nvcc(
+        _launch.KERNEL_DIR / name, tmp_path / "k.ptx", "--ptx", *options,
+        "-DQKV_SIMT_SMEM=1024", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "shared memory" in result.stderr
+
+
 @pytest.mark.parametrize("source", KERNELS, ids=lambda p: p.name)
 def test_launcher_inlines_the_shared_header(source: Path) -> None:
     """Every kernel includes common.cuh, and the text NVRTC gets has no #include left in it."""

@@ -238,23 +238,6 @@ requires_gpu = pytest.mark.skipif(not CUPY_OK, reason=f"cupy backend: {CUPY_WHY}
 
 
 @needs_nvcc
-@pytest.mark.parametrize("D, Dv", [(64, 64), (40, 72), (128, 128), (256, 256), (8, 256)])
-def test_cupy_kernel_compiles_for_sm90(D, Dv, tmp_path):
-    """Every planned configuration compiles (ptxas included), and its static_assert accepts
-    the host's shared-memory size."""
-    nvcc(SOURCE, tmp_path / "k.cubin", "-cubin", *_launch.tile_config(D, Dv).defines())
-
-
-@needs_nvcc
-def test_cupy_wrong_shared_memory_size_fails_to_compile(tmp_path):
-    options = [d for d in _launch.tile_config(64, 64).defines() if "SIMT_SMEM" not in d]
-    result = nvcc(
-        SOURCE, tmp_path / "k.ptx", "--ptx", *options, "-DQKV_SIMT_SMEM=1024", check=False
-    )
-    assert result.returncode != 0 and "shared memory" in result.stderr
-
-
-@needs_nvcc
 def test_cupy_arguments_match_the_kernel_signature(tmp_path):
     ptx = tmp_path / "k.ptx"
     nvcc(SOURCE, ptx, "--ptx", *_launch.tile_config(64, 64).defines())
