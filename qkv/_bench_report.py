@@ -33,6 +33,7 @@ MEMORY_COLUMNS = (
     "time (s)",
     "note",
 )
+TENSOR_COLUMNS = ("n", "op", "backend", "ms", "× brute force", "rel. error", "note")
 TARGET_COLUMNS = ("target", "measured", "result")
 #: Name of the peer rows (as in :data:`qkv.bench.PEER`) and the memory plot's reference line.
 PEER = "torch SDPA"
@@ -96,6 +97,20 @@ def memory_cells(row: dict[str, Any], width: int | None = None) -> list[str]:
         _mib(row["score_matrix_head_mib"]),
         _mib(row["peak_extra_mib"]),
         _fixed(row["seconds"], 2),
+        _note(row, width),
+    ]
+
+
+def tensor_cells(row: dict[str, Any], width: int | None = None) -> list[str]:
+    """One tensor-attention row as table cells, in :data:`TENSOR_COLUMNS` order."""
+    err = row["rel_err"]
+    return [
+        str(row["n"]),
+        row["op"],
+        row["backend"],
+        _ms(row["ms_median"]),
+        _fixed(row["x_brute_force"], 1, "x"),
+        "–" if err is None else f"{err:.1e}",
         _note(row, width),
     ]
 
@@ -179,6 +194,11 @@ def rich_table(data: dict[str, Any]) -> Table:
         memory.add_column(column, overflow="fold")
     for row in data["memory"]["rows"]:
         memory.add_row(*map(escape, memory_cells(row, width=60)))
+    tensor = Table(title="tensor attention, one head (fp32)", title_justify="left")
+    for column in TENSOR_COLUMNS:
+        tensor.add_column(column, overflow="fold")
+    for row in data.get("tensor", {}).get("rows", []):
+        tensor.add_row(*map(escape, tensor_cells(row, width=60)))
     targets = Table(title="targets", title_justify="left")
     for column in TARGET_COLUMNS:
         targets.add_column(column, overflow="fold")
@@ -187,7 +207,7 @@ def rich_table(data: dict[str, Any]) -> Table:
         cells = target_cells(target)
         targets.add_row(*map(escape, cells[:2]), style[cells[2]])
     grid = Table.grid(padding=(1, 0))
-    for part in (times, memory, targets):
+    for part in (times, memory, tensor, targets):
         grid.add_row(part)
     return grid
 
@@ -259,10 +279,25 @@ def markdown(data: dict[str, Any]) -> str:
         ]
     else:
         lines += ["Not measured in this run.", ""]
+    tensor = data.get("tensor")
+    if tensor and tensor["rows"]:
+        lines += [
+            "## Tensor attention",
+            "",
+            "Triple-wise attention D⁻¹ exp(Q (K1 ⊘ K2)ᵀ) (V1 ⊘ V2) of "
+            f"one head, head dim {tensor['D']}, {tensor['dtype']}, entries of Q, K1, K2 uniform "
+            "in [-1, 1] with scale 1/d (every score in [-1, 1]). `brute force` builds the "
+            "n×n² score matrix and uses BLAS; `tensor` is each backend's exact streaming op; "
+            f"`tensor_approx` is the degree-{tensor['degree']} polynomial method. Errors are "
+            "against a float64 brute force; '× brute force' is the speed-up over it.",
+            "",
+            *_markdown_table(TENSOR_COLUMNS, [tensor_cells(r) for r in tensor["rows"]]),
+            "",
+        ]
     lines += [
         "## Targets",
         "",
-        "The targets of the foundation issue, checked against the numbers above.",
+        "The targets of the foundation and forms issues, checked against the numbers above.",
         "",
         *_markdown_table(
             TARGET_COLUMNS,

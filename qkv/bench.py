@@ -4,8 +4,10 @@
 {512, 1024, 2048, 4096}, causal at 2048, and one decode shape (``N=1, M=16384``), on every
 available backend, next to ``torch.nn.functional.scaled_dot_product_attention`` and the
 machine's measured fp32 GEMM rate, all in one run. It then measures the peak extra memory of one
-call in a fresh process (:mod:`qkv._bench_memory`), checks the targets of the foundation issue,
-and saves JSON, a PNG and (through :func:`render_markdown`) a docs page.
+call in a fresh process (:mod:`qkv._bench_memory`), times triple-wise ``tensor`` attention
+against its brute force and its near-linear approximation (:mod:`qkv._bench_tensor`), checks the
+targets of the foundation and forms issues, and saves JSON, a PNG and (through
+:func:`render_markdown`) a docs page.
 
 A backend that falls back to the reference for an op is flagged ``"fallback"`` and not timed:
 a fallback's time is never reported as the backend's. Timing is best/median of repeats after one
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import qkv
-from qkv import _bench_memory, _bench_report, _dispatch
+from qkv import _bench_memory, _bench_report, _bench_tensor, _dispatch
 from qkv.errors import FallbackWarning, MissingOp
 
 if TYPE_CHECKING:
@@ -638,7 +640,8 @@ def run(
     modules, availability = _backends(backends)
     shapes = settings.shapes
     memory_plan = _bench_memory.plan(settings, modules)
-    steps = 1 + len(shapes) * (1 + len(OPS) * len(modules)) + len(memory_plan)
+    tensor_plan = _bench_tensor.plan(quick, modules)
+    steps = 1 + len(shapes) * (1 + len(OPS) * len(modules)) + len(memory_plan) + len(tensor_plan)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     with _Progress(progress, steps) as bar:
@@ -681,6 +684,7 @@ def run(
             del q, k, v, expected
         _ratios(rows, gemm["peak_gflops"])
         memory = _bench_memory.run(memory_plan, settings, threads["threads"], bar)
+        tensor = _bench_tensor.run(tensor_plan, settings, bar)
     machine["loadavg_end"] = _load()
     machine["numba_threading_layer"] = _numba_threading_layer()
     data = {
@@ -704,7 +708,8 @@ def run(
         "backends": availability,
         "rows": rows,
         "memory": memory,
-        "targets": check_targets(rows, memory),
+        "tensor": tensor,
+        "targets": check_targets(rows, memory) + _bench_tensor.targets(tensor),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     picture = out.with_suffix(".png")

@@ -183,6 +183,17 @@ def capture_minilm(
     console.print(f"wrote {path}")
 
 
+@lab_app.command("embed-corpus")
+def embed_corpus(
+    out: Annotated[Path | None, typer.Option(help="Where the npz goes.")] = None,
+) -> None:
+    """Embed the help-page retrieval corpus with qkv's NumPy MiniLM into qkv/data."""
+    from qkv.lab.corpus import build
+
+    path = build(out=out, progress=True)
+    console.print(f"wrote {path}")
+
+
 @lab_app.command("train-decoder")
 def train_decoder(
     out: Annotated[

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from qkv import _bench_memory, _dispatch, bench
+from qkv import _bench_memory, _bench_tensor, _dispatch, bench
 from qkv.errors import Unsupported
 
 ROW_KEYS = {
@@ -91,7 +91,7 @@ def test_json_has_the_documented_keys(saved: dict[str, Any], result: bench.Bench
     assert saved["gemm"]["peak_gflops"] > 0
     assert saved["gemm"]["peak_source"] in ("numpy", "torch")
     assert {t["status"] for t in saved["targets"]} <= {"pass", "miss", "n/a"}
-    assert len(saved["targets"]) == 4
+    assert len(saved["targets"]) == 6
     assert result.plot_path is not None and result.plot_path.is_file()
     assert result.plot_path.parent == result.path.parent
 
@@ -149,11 +149,55 @@ def test_memory_rows(saved: dict[str, Any]) -> None:
             assert row["reason"]
 
 
+def test_tensor_rows_match_a_float64_brute_force(saved: dict[str, Any]) -> None:
+    tensor = saved["tensor"]
+    assert tensor["D"] == _bench_tensor.D and tensor["degree"] == _bench_tensor.DEGREE
+    rows = tensor["rows"]
+    assert {r["n"] for r in rows} == set(_bench_tensor.QUICK_NS)
+    for n in _bench_tensor.QUICK_NS:
+        done = {(r["op"], r["backend"]) for r in rows if r["n"] == n and r["status"] == "ok"}
+        assert {("brute force", "reference"), ("tensor", "reference")} <= done
+        assert ("tensor_approx", "reference") in done
+    for row in rows:
+        if row["status"] != "ok":
+            assert row["reason"]
+            continue
+        assert row["ms_median"] > 0 and row["x_brute_force"] > 0
+        # exact forms agree to fp32 rounding; the degree-2 polynomial to its Taylor error
+        assert row["rel_err"] < (1e-2 if row["op"] == "tensor_approx" else 1e-5)
+
+
+def _tensor_row(n: int, op: str, backend: str, ms: float) -> dict[str, Any]:
+    return {"n": n, "op": op, "backend": backend, "ms_median": ms, "status": "ok"}
+
+
+def test_tensor_targets_read_the_rows() -> None:
+    """The speed-up is brute force over numba at n=256; the crossover is where approx stays ahead."""
+    rows = [
+        _tensor_row(64, "tensor", "numba", 1.0),
+        _tensor_row(64, "tensor_approx", "reference", 3.0),
+        _tensor_row(128, "tensor", "numba", 8.0),
+        _tensor_row(128, "tensor", "torch", 4.0),
+        _tensor_row(128, "tensor_approx", "reference", 5.0),  # slower than torch's 4.0
+        _tensor_row(256, "brute force", "reference", 300.0),
+        _tensor_row(256, "tensor", "numba", 10.0),
+        _tensor_row(256, "tensor_approx", "reference", 6.0),
+    ]
+    speed, crossover = _bench_tensor.targets({"rows": rows})
+    assert speed["status"] == "pass" and speed["measured"].startswith("30.0x")
+    assert crossover["status"] == "pass" and crossover["measured"].startswith("from n=256 on")
+    rows[-1]["ms_median"] = 20.0
+    rows[5]["ms_median"] = 100.0
+    speed, crossover = _bench_tensor.targets({"rows": rows})
+    assert speed["status"] == "miss" and crossover["status"] == "miss"
+    assert _bench_tensor.targets({"rows": rows[:2]})[0]["status"] == "n/a"
+
+
 def test_render_markdown(result: bench.BenchResult) -> None:
     page = bench.render_markdown(result.path)
     assert page.startswith("# CPU benchmarks")
     assert "| case | op | backend | ms | GFLOP/s | % of GEMM | × torch SDPA | × reference |" in page
-    assert "## Memory" in page and "## Targets" in page
+    assert "## Memory" in page and "## Targets" in page and "## Tensor attention" in page
     assert "| target | measured | result |" in page
     assert f"]({result.plot_path.name})" in page
     assert page == result.markdown()

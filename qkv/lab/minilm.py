@@ -135,21 +135,29 @@ def pydoc_text(
     )
 
 
+def pydoc_topic_paragraphs(*, min_words: int = 20) -> dict[str, str]:
+    """Each distinct prose paragraph of every ``pydoc_data.topics`` page, mapped to its page.
+
+    Pages are read in sorted order; a paragraph that several pages share belongs to the first.
+    Paragraphs shorter than ``min_words`` words are left out.
+    """
+    from pydoc_data.topics import topics as pages
+
+    found: dict[str, str] = {}
+    for name in sorted(pages):
+        for paragraph in _prose_paragraphs(pages[name]):
+            if len(paragraph.split()) >= min_words:
+                found.setdefault(paragraph, name)
+    return found
+
+
 def pydoc_paragraphs(count: int | None = None, *, min_words: int = 20) -> list[str]:
     """Distinct prose paragraphs of every ``pydoc_data.topics`` page, in sorted topic order.
 
     Paragraphs shorter than ``min_words`` words are left out. With ``count``, that many are
     taken evenly spaced over the whole list (so that they span many topics); otherwise all.
     """
-    from pydoc_data.topics import topics as pages
-
-    found = dict.fromkeys(
-        paragraph
-        for name in sorted(pages)
-        for paragraph in _prose_paragraphs(pages[name])
-        if len(paragraph.split()) >= min_words
-    )
-    paragraphs = list(found)
+    paragraphs = list(pydoc_topic_paragraphs(min_words=min_words))
     if count is None:
         return paragraphs
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(paragraphs):
@@ -291,4 +299,5 @@ __all__ = [
     "load",
     "pydoc_paragraphs",
     "pydoc_text",
+    "pydoc_topic_paragraphs",
 ]
