@@ -35,7 +35,9 @@ from qkv.reference.forms import selective_attention as _selective_attention
 from qkv.reference.heads import grouped_query as _grouped_query
 from qkv.reference.heads import relative_conv as _relative_conv
 from qkv.reference.heads import sigma_diffqkv as _sigma_diffqkv
+from qkv.reference.kv import mixed_precision as _kv_mixed
 from qkv.reference.kv import quantization as _kv_quantize
+from qkv.reference.kv import window_scoring as _kv_window
 from qkv.reference.local import biformer as _biformer
 from qkv.reference.local import davit as _davit
 from qkv.reference.local import hilo_attention as _hilo_attention
@@ -44,6 +46,8 @@ from qkv.reference.positions import oat_encoding as _oat_encoding
 from qkv.reference.positions import positional as _positional
 from qkv.reference.positions import rope_alibi as _rope_alibi
 from qkv.reference.recsys import sdim_hashing as _sdim_hashing
+from qkv.reference.retrieval import attention_index as _attention_index
+from qkv.reference.retrieval import leanvec_projection as _leanvec
 from qkv.reference.sparse import selected_keys as _sparse
 
 __version__ = "0.1.0"
@@ -93,9 +97,19 @@ window_attention = _davit.dispatched_window_attention
 # kv: packed asymmetric quantisation of cached keys and values (ZipCache, SAQ)
 quantize = op(_kv_quantize.quantize, check=_kv_quantize.check_quantize)
 dequantize = op(_kv_quantize.dequantize, check=_kv_quantize.check_dequantize)
+# kv: SnapKV's observation-window scoring and attention over a mixed-precision cache
+window_scores = op(_kv_window.window_scores, check=_kv_window.check_window_scores)
+mixed_attention = op(_kv_mixed.mixed_attention, check=_kv_mixed.check_mixed_attention)
 
 # sparse: attention over per-head selected keys (the op KV selection methods feed)
 sparse_attention = op(_sparse.sparse_attention, check=_sparse.check_sparse_attention)
+
+# retrieval: RetrievalAttention's graph search (one greedy best-first search per query and head)
+# and LeanVec's first-stage scores (float queries against 8-bit vectors)
+graph_search_batch = op(
+    _attention_index.graph_search_batch, check=_attention_index.check_graph_search
+)
+lvq_dot = op(_leanvec.lvq_dot, check=_leanvec.check_lvq_dot)
 
 # recsys: SDIM's SimHash bucket aggregation
 sdim = op(_sdim_hashing.sdim, check=_sdim_hashing.check_sdim)
@@ -120,9 +134,12 @@ __all__ = [
     "flash",
     "gaussian",
     "gqa",
+    "graph_search_batch",
     "hilo",
     "kdgqa",
     "known_backends",
+    "lvq_dot",
+    "mixed_attention",
     "neighbor_mask",
     "neighborhood",
     "object_pe",
@@ -141,4 +158,5 @@ __all__ = [
     "tensor_approx",
     "use_backend",
     "window_attention",
+    "window_scores",
 ]

@@ -29,9 +29,23 @@ def is_array(x: Any) -> bool:
     return kind(x) is not None
 
 
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
 def dtype_name(x: Any) -> str:
-    """The dtype of any supported array as a NumPy-style name: ``"float32"``, ``"bfloat16"``..."""
-    return str(x.dtype).removeprefix("torch.")
+    """The dtype of any supported array as a NumPy-style name: ``"float32"``, ``"bfloat16"``...
+
+    Names are remembered per dtype object: ``str(dtype)`` costs microseconds, and the checks
+    of a small decode call read the name several times.
+    """
+    dtype = x.dtype
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+        return name
+    except TypeError:  # an unhashable dtype object
+        return str(dtype).removeprefix("torch.")
 
 
 def is_float(x: Any) -> bool:

@@ -500,7 +500,8 @@ MECHANISMS: tuple[Mechanism, ...] = (
         code="https://github.com/FasterDecoding/SnapKV",
         status="implemented",
         reference="qkv.reference.kv:snapkv",
-        tests=("tests/reference/test_kv_snapkv.py",),
+        ops=("window_scores",),
+        tests=("tests/reference/test_kv_snapkv.py", "tests/reference/test_kv_window_scoring.py"),
         notes="a KVPolicy (SnapKV), prefill only; gqa='query' (official: per query head, union "
         "kept per KV head) or 'mean' (kvpress); kv-eval row uses gqa='mean'",
     ),
@@ -547,6 +548,12 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "Scaling Test-Time Inference with Policy-Optimized, Dynamic Retrieval-Augmented "
         "Generation via KV Caching and Decoding",
         arxiv="2504.01281",
+        status="implemented",
+        reference="qkv.reference.kv:critic",
+        tests=("tests/reference/test_kv_critic.py",),
+        notes="a KVPolicy (Critic); no code and no formula found: importance = mean attention "
+        "from the last window queries (importance='output' weights it by the value norm), "
+        "sinks and window always kept, budget tokens per KV head (derived, documented)",
     ),
     _m(
         "zipcache",
@@ -557,8 +564,12 @@ MECHANISMS: tuple[Mechanism, ...] = (
         code="https://github.com/ThisisBillhe/ZipCache",
         status="implemented",
         reference="qkv.reference.kv:zipcache",
-        ops=("quantize", "dequantize"),
-        tests=("tests/reference/test_kv_zipcache.py", "tests/reference/test_kv_quantize.py"),
+        ops=("quantize", "dequantize", "mixed_attention"),
+        tests=(
+            "tests/reference/test_kv_zipcache.py",
+            "tests/reference/test_kv_quantize.py",
+            "tests/reference/test_kv_mixed_attention.py",
+        ),
         notes="a KVPolicy (ZipCache): probe-query normalised saliency (denominator='causal': "
         "the official code's L - i), 4/2-bit channel-wise keys and channel-separable token-wise "
         "values; the engine holds dequantised floats, exact bits in extra['quantized_bits']",
@@ -569,6 +580,14 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "dynamic important-token ratio; mixed precision",
         "ZipVL: Efficient Large Vision-Language Models with Dynamic Token Sparsification",
         arxiv="2410.08584",
+        status="implemented",
+        reference="qkv.reference.kv:zipvl",
+        ops=("quantize", "dequantize"),
+        tests=("tests/reference/test_kv_zipvl.py",),
+        notes="a KVPolicy (ZipVL): per layer the fewest tokens holding tau of the probe "
+        "attention (the largest count of its KV heads), chosen by normalised score "
+        "(select='accumulated': raw mass); rest='drop' (arXiv v2) or 'quantize' (v1, 4/2 bits); "
+        "no official code",
     ),
     _m(
         "saq",
@@ -590,6 +609,15 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "query-oriented token budget assignment across frames",
         "QuoTA: Query-oriented Token Assignment via CoT Query Decouple for Long Video "
         "Comprehension",
+        arxiv="2503.08689",
+        code="https://github.com/MAC-AutoML/QuoTA",
+        status="implemented",
+        reference="qkv.reference.kv:quota",
+        tests=("tests/reference/test_kv_quota.py",),
+        notes="a KVPolicy (QuoTA) on a KV cache: frames = fixed-size prompt segments, query = "
+        "the observation window; segment relevance = window attention mass, budget split with "
+        "a floor, water-filling at segment sizes and Hamilton rounding, then top tokens per "
+        "segment",
     ),
     # sparse
     _m(
@@ -603,11 +631,15 @@ MECHANISMS: tuple[Mechanism, ...] = (
         tests=(
             "tests/reference/test_sparse_attention.py",
             "tests/backends/test_sparse_backends.py",
+            "tests/lab/test_engine_slot_bias.py",
         ),
         notes="indices (B, H, S) or (B, H, N, S), -1 = empty slot (the ragged form); a key "
-        "listed twice counts twice; merge_partials combines split selections; the lab engine's "
-        "decode attention; numba fused kernel, torch (gather ops or Triton gather kernel), "
-        "CuPy sparse_fwd.cu (compiled, not yet run on a GPU)",
+        "listed twice counts twice; optional per-slot bias (B, H, S), (B, Hkv, S) or "
+        "(B, H, N, S) added to the scaled scores (log c = c copies, -inf = dropped; the engine "
+        "passes RazorAttention's log |D| through it); merge_partials combines split "
+        "selections; the lab engine's decode attention; numba single-pass kernel (GQA row "
+        "sharing, serial below a work threshold), torch (index_select ops or Triton gather "
+        "kernel), CuPy sparse_fwd.cu (compiled, not yet run on a GPU)",
     ),
     _m(
         "tokenselect",
@@ -653,6 +685,13 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "activation-bias probe query, dynamic KV cut-off",
         "Activation-aware Probe-Query: Effective Key-Value Retrieval for Long-Context LLMs "
         "Inference",
+        arxiv="2502.13542",
+        code="https://github.com/MrXiaoaa/ActQKV",
+        status="implemented",
+        reference="qkv.reference.sparse:actqkv",
+        tests=("tests/reference/test_sparse_actqkv.py",),
+        notes="a KVSelector for the lab engine; per-layer linear entropy cut-off (the official "
+        "cross-layer budget predictor and question term are not reproduced)",
     ),
     _m(
         "a2ats",
@@ -660,6 +699,13 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "windowed RoPE + query-aware vector quantisation of keys",
         "A^2ATS: Retrieval-Based KV Cache Reduction via Windowed Rotary Position Embedding and "
         "Query-Aware Vector Quantization",
+        arxiv="2502.12665",
+        code="https://github.com/junhuihe-hjh/A2ATS",
+        status="implemented",
+        reference="qkv.reference.sparse:a2ats",
+        tests=("tests/reference/test_sparse_a2ats.py",),
+        notes="a KVSelector for the lab engine (keys un-rotated from the cache); codebooks "
+        "calibrated on the lab decoder by lab_codebooks (128 words, not the official 4096)",
     ),
     _m(
         "prflash",
@@ -667,6 +713,11 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "probabilistic block selection keeping the causal shape",
         _FULU,
         arxiv="2410.18441",
+        status="implemented",
+        reference="qkv.reference.sparse:prflash",
+        tests=("tests/reference/test_sparse_prflash.py",),
+        notes="tiles kept with probability keep**distance (diagonal and first column always), "
+        "a block mask fed to qkv.flash; the FLOP saving is counted, not timed",
     ),
     # retrieval
     _m(
@@ -676,19 +727,47 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "RetrievalAttention: Accelerating Long-Context LLM Inference via Vector Retrieval",
         arxiv="2409.10516",
         code="https://github.com/microsoft/RetrievalAttention",
+        status="implemented",
+        reference="qkv.reference.retrieval:retrieval_attention",
+        ops=("graph_search_batch",),
+        tests=(
+            "tests/reference/test_retrieval_attention_index.py",
+            "tests/backends/test_retrieval_graph_backends.py",
+        ),
+        notes="prefill query -> top-k key links projected RoarGraph-style (pivot + RNG pruning) "
+        "onto a key graph; greedy best-first search counting keys scanned; static + retrieved "
+        "merged by merge_partials; build_knn_index is the key-key kNN baseline",
     ),
     _m(
         "leanvec",
         "retrieval",
         "LeanVec-ID and LeanVec-OOD projections + quantised search",
-        "LeanVec: Searching vectors faster by making them fit",
+        "LeanVec: Search your vectors faster by making them fit",
         arxiv="2312.16335",
+        code="https://github.com/intel/ScalableVectorSearch",
+        status="implemented",
+        reference="qkv.reference.retrieval:leanvec",
+        ops=("lvq_dot",),
+        tests=(
+            "tests/reference/test_retrieval_leanvec.py",
+            "tests/backends/test_leanvec_backends.py",
+        ),
+        notes="the LeanVec index class (leanvec = LeanVec); 8-bit per-vector min/max codes "
+        "(one LVQ level); inner-product search; first stage (lvq_dot) in numba (codes widened "
+        "inside the dot product), torch and CuPy (one decode + batched product; CuPy not yet run "
+        "on a GPU)",
     ),
     _m(
         "cosine_adapter",
         "retrieval",
         "query-dependent mapping of cosine scores + one threshold",
         "Relevance Filtering for Embedding-based Retrieval",
+        arxiv="2408.04887",
+        status="implemented",
+        reference="qkv.reference.retrieval:cosine_adapter",
+        tests=("tests/reference/test_retrieval_cosine_adapter.py",),
+        notes="no official code; one linear layer -> (a, b[, p]) of a linear, sqrt, quadratic or "
+        "power map, softplus keeps it increasing; BCE + Adam in NumPy (fit_cosine_adapter)",
     ),
     _m(
         "anncur",
@@ -696,6 +775,12 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "CUR approximation of cross-encoder scores, then re-rank",
         "Efficient Nearest Neighbor Search for Cross-Encoder Models using Matrix Factorization",
         arxiv="2210.12579",
+        code="https://github.com/iesl/anncur",
+        status="implemented",
+        reference="qkv.reference.retrieval:anncur",
+        tests=("tests/reference/test_retrieval_anncur.py",),
+        notes="cross-encoder = untrained joint MiniLM pass (qkv.lab.cross_encoder, cached "
+        "48 x 160 matrix); anchor items join the re-ranked pool by default (reuse_anchors)",
     ),
     _m(
         "icr",
@@ -703,6 +788,12 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "in-context re-ranking from attention, calibrated",
         "Attention in Large Language Models Yields Efficient Zero-Shot Re-Rankers",
         arxiv="2410.02642",
+        code="https://github.com/OSU-NLP-Group/In-Context-Reranking",
+        status="implemented",
+        reference="qkv.reference.retrieval:icr",
+        tests=("tests/reference/test_retrieval_icr.py",),
+        notes="pure function of (L, H, N, N) attention and spans; masked N/A calibration "
+        "(mean - 2 std per document); qkv.lab.icr_minilm runs it on MiniLM (512 tokens)",
     ),
     # recsys
     _m(
@@ -820,12 +911,24 @@ MECHANISMS: tuple[Mechanism, ...] = (
         "Does Circuit Analysis Interpretability Scale? Evidence from Multiple Choice "
         "Capabilities in Chinchilla",
         arxiv="2307.09458",
+        status="implemented",
+        reference="qkv.reference.analysis:circuits",
+        tests=("tests/reference/test_analysis_circuits.py",),
+        notes="on the lab decoder; frozen final-norm scale; patching replaces a head's output at "
+        "every position; QK/OV subspaces from the uncentred SVD of the head's rotated "
+        "queries/keys and values; no official code released",
     ),
     _m(
         "vocab_keys",
         "analysis",
         "next-token softmax as query x vocabulary keys",
         "Correlation and Navigation in the Vocabulary Key Representation Space of Language Models",
+        arxiv="2410.02284",
+        status="implemented",
+        reference="qkv.reference.analysis:vocab_keys",
+        tests=("tests/reference/test_analysis_vocab.py",),
+        notes="on the lab decoder (128 tokens); navigation applied to the query (projection off "
+        "the explored keys' span), not in-context as the paper's ICN; no official code found",
     ),
     _m(
         "minilm_distill",

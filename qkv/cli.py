@@ -194,6 +194,16 @@ def embed_corpus(
     console.print(f"wrote {path}")
 
 
+@lab_app.command("cross-scores")
+def cross_scores(
+    out: Annotated[Path | None, typer.Option(help="Where the npz goes.")] = None,
+) -> None:
+    """Score corpus queries against documents with the joint MiniLM cross-encoder into qkv/data."""
+    from qkv.lab.cross_encoder import build
+
+    console.print(f"wrote {build(out=out)}")
+
+
 @lab_app.command("train-decoder")
 def train_decoder(
     out: Annotated[
@@ -232,6 +242,7 @@ def kv_eval(
         str, typer.Option(help="Comma-separated needle depths.")
     ] = "0,0.25,0.5,0.75,1",
     per_cell: Annotated[int, typer.Option(help="Prompts per (length, depth) cell.")] = 4,
+    tasks: Annotated[str, typer.Option(help="Comma-separated tasks: passkey, recall.")] = "passkey",
     weights: Annotated[
         Path | None, typer.Option(help="Decoder weights npz (default: the shipped model).")
     ] = None,
@@ -254,6 +265,7 @@ def kv_eval(
             lengths=kv.parse_ints(lengths, "lengths"),
             depths=kv.parse_floats(depths, "depths"),
             per_cell=per_cell,
+            tasks=kv.names(tasks),
         )
         model = decoder.load(weights)
     except (ParameterError, FileNotFoundError) as exc:
@@ -261,10 +273,13 @@ def kv_eval(
     results = kv.run(model, cfg, progress=True)
     kv.save(results, out)
     paths = kv.plot(results, plots or out.parent)
-    table = Table("method", "budget", "accuracy", "cache KiB", "ms / token", title="kv-eval")
-    for method, budget, acc, kib, ms in kv.summary(results):
-        table.add_row(method, budget, f"{acc:.2f}", f"{kib:.1f}", f"{ms:.2f}")
-    console.print(table)
+    for task in cfg.tasks:
+        table = Table(
+            "method", "budget", "accuracy", "cache KiB", "ms / token", title=f"kv-eval: {task}"
+        )
+        for method, budget, acc, kib, ms in kv.summary(results, task):
+            table.add_row(method, budget, f"{acc:.2f}", f"{kib:.1f}", f"{ms:.2f}")
+        console.print(table)
     console.print(f"wrote {out}, " + ", ".join(str(p) for p in paths))
 
 

@@ -30,7 +30,9 @@ from qkv.lab.minilm import MiniLMCapture, load
 from qkv.reference import core
 from qkv.reference.forms import agent_attention, selective_attention
 from qkv.reference.heads import grouped_query, relative_conv
+from qkv.reference.kv import quantization
 from qkv.reference.recsys import sdim_hashing
+from qkv.reference.retrieval import leanvec_projection
 
 TOUR_RTOL_FP32 = 1e-4
 """Largest relative error a float32 run may show in the tour, norm-wise and elementwise.
@@ -239,6 +241,31 @@ def _sdim(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
     behaviours = data.k[0].astype(dtype)  # (12, N, 32)
     planes = sdim_hashing.random_planes(targets.shape[-1], 16, 4, rng=0)  # (32, 16, 4)
     return (targets, behaviours, planes), {}
+
+
+@tour_case("zipcache", "4-bit first half", op="mixed_attention")
+def _mixed_attention(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """The last token's query of every layer over a cache whose first half is held as 4-bit
+    codes (keys per channel, values per token) and the rest as floats. The codes are made
+    once from float64, so every dtype reads the same cache."""
+    q, k, v = _qkv(data, np.float64)
+    half = k.shape[2] // 2
+    k_codes, k_scale, k_zero = quantization.quantize(k[:, :, :half], bits=4, axis="channel")
+    v_codes, v_scale, v_zero = quantization.quantize(v[:, :, :half], bits=4, axis="token")
+    floats = (q[:, :, -1:], k[:, :, half:], v[:, :, half:])  # (6, 12, 1 | N - half, 32)
+    codes = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
+    args = [x.astype(dtype) if x.dtype == np.float64 else x for x in (*floats, *codes)]
+    return tuple(args), {"bits": 4}
+
+
+@tour_case("leanvec", "8-bit codes", op="lvq_dot")
+def _lvq_dot(data: MiniLMCapture, dtype: type[np.floating]) -> Inputs:
+    """Layer 5's queries (all heads' tokens as rows) against its keys stored as 8-bit codes
+    with a step and an offset per vector, LeanVec's first-stage scan."""
+    queries = data.q[5].reshape(-1, data.head_dim).astype(np.float64)  # (12 N, 32)
+    keys = data.k[5].reshape(-1, data.head_dim).astype(np.float64)  # (12 N, 32)
+    codes, scales, offsets = leanvec_projection.lvq_encode(keys)
+    return (queries.astype(dtype), codes, scales.astype(dtype), offsets.astype(dtype)), {}
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,8 @@ def test_a_wrong_a_failing_and_a_declining_backend(small: None) -> None:
         ("neighborhood", "causal 13"): "fallback",
         ("sdim", "16 hashes"): "fallback",
         ("sparse_attention", "top 32"): "fallback",
+        ("zipcache", "4-bit first half"): "fallback",
+        ("leanvec", "8-bit codes"): "fallback",
     }
     assert all(r.status == "ok" for r in result.rows if r.backend == "reference")
     text = render(result)

@@ -61,10 +61,21 @@ class LayerCache:
         return (self.indices >= 0).sum(axis=-1)
 
     def nbytes(self) -> int:
-        """Bytes of the occupied keys and values plus every array in ``extra``."""
+        """Bytes of the occupied keys and values plus every array in ``extra``.
+
+        A quantising policy stores dequantised floats here and the exact size of its quantised
+        form in ``extra["quantized_bits"]`` (packed codes, scales, zero points, and any slots it
+        keeps in full precision); that form covers the tokens seen when it last compressed
+        (``extra["quantized_tokens"]``, recorded by the engine). Those slots count as
+        ``quantized_bits / 8`` bytes (rounded up); slots of later tokens count as the floats
+        held.
+        """
         per_token = (self.keys.shape[-1] + self.values.shape[-1]) * self.keys.itemsize
         extra = sum(np.asarray(a).nbytes for a in self.extra.values() if hasattr(a, "nbytes"))
-        return int(self.lengths.sum()) * per_token + extra
+        if "quantized_bits" not in self.extra:
+            return int(self.lengths.sum()) * per_token + extra
+        later = (self.indices >= self.extra["quantized_tokens"]).sum()  # slots after it ran
+        return -(-int(self.extra["quantized_bits"]) // 8) + int(later) * per_token + extra
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,7 +138,8 @@ def _compress(
         indices=np.asarray(kept.indices, dtype=np.int64),
         positions=np.asarray(kept.positions, dtype=np.int64),
         next_position=np.asarray(kept.next_position, dtype=np.int64),
-        extra=kept.extra,
+        # a quantised form (extra["quantized_bits"]) covers the n tokens seen so far
+        extra={**kept.extra, **({"quantized_tokens": n} if "quantized_bits" in kept.extra else {})},
     )
 
 
@@ -233,6 +245,19 @@ def _selection(
     return idx.astype(np.int64, copy=False)
 
 
+def _slot_bias(c: LayerCache, idx: Array, group: int) -> Array | None:
+    """The policy's per-slot logit bias ``extra["log_weight"] (B, Hkv, K)`` (RazorAttention's
+    ``log |D|`` on its compensation token) at the slots ``idx (B, H, S)`` a step reads, or
+    ``None`` without one; slots added since the policy ran get 0."""
+    log_weight = c.extra.get("log_weight")
+    if log_weight is None:
+        return None
+    grown = c.keys.shape[2] - log_weight.shape[-1]
+    log_weight = np.pad(log_weight, [(0, 0), (0, 0), (0, grown)])  # (B, Hkv, C)
+    per_head = np.repeat(log_weight, group, axis=1)  # (B, H, C)
+    return np.take_along_axis(per_head, np.where(idx >= 0, idx, 0), axis=-1)  # (B, H, S)
+
+
 def decode_step(
     weights: dec.DecoderWeights,
     cache: KVCache,
@@ -271,7 +296,9 @@ def decode_step(
         c = _append(c, k, v, n - 1)
         view = _view(weights, c, n, q)
         idx = _selection(selector, i, view, config.n_heads, config.group)
-        x = dec.finish_block(config, lw, x, qkv.sparse_attention(q, c.keys, c.values, idx))
+        bias = _slot_bias(c, idx, config.group)
+        attn = qkv.sparse_attention(q, c.keys, c.values, idx, bias=bias)  # (B, H, 1, Dh)
+        x = dec.finish_block(config, lw, x, attn)
         if policy is not None and policy.every_step:
             c = _compress(weights, policy, i, c, n, q)
         layers.append(c)

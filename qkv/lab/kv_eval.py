@@ -1,10 +1,10 @@
 """The KV-cache evaluation harness (``qkv lab kv-eval``): needle retrieval under a cache budget.
 
-For each method, budget, prompt length and needle depth, the harness runs the lab decoder
-(:mod:`qkv.lab.engine`) on seeded held-out passkey prompts (:mod:`qkv.lab.tasks`), decodes the
-passkey greedily and records
+For each task, method, budget, prompt length and needle depth, the harness runs the lab decoder
+(:mod:`qkv.lab.engine`) on seeded held-out prompts (:mod:`qkv.lab.tasks`), decodes the answer
+greedily and records
 
-* **accuracy**: the fraction of prompts whose whole passkey is decoded exactly;
+* **accuracy**: the fraction of prompts whose whole answer is decoded exactly;
 * **cache bytes**: the bytes the cache holds after the last step (keys, values and any extra
   state the method keeps), averaged over the prompts;
 * **time per decoded token**: wall time of a decode step divided by the rows of the batch.
@@ -12,7 +12,14 @@ passkey greedily and records
 A method is a name bound to a factory ``budget -> KVPolicy | None`` in :data:`METHODS`; the two
 baselines are ``full`` (no compression, the budget is ignored) and ``streaming`` (4 sinks and
 ``budget - 4`` recent tokens, :class:`~qkv.reference.kv.StreamingLLM`). Other KV methods join
-with :func:`register`. Results are a JSON-ready dict (:func:`run`) and two plots
+with :func:`register`.
+
+Tasks (:data:`TASKS`): ``passkey`` (a 5-digit key, the task the lab decoder was trained on)
+and ``recall`` (multi-key associative recall: 4 ``KEY w v1 v2`` records, one asked for; 15% of
+the training rows). The shipped decoder is weak at recall even with the full cache: on held-out
+prompts it decodes the asked value about as often as it would by copying the value of a
+*random* record of the four (whole-answer accuracy near 0.1, first digit near 1/4), so recall
+rows measure how a method changes a model that mostly fails, not retrieval under a budget. Results are a JSON-ready dict (:func:`run`) and two plots
 (:func:`plot`): accuracy against budget per method, and a depth x length heat map per method,
 like the needle-in-a-haystack figures.
 """
@@ -36,6 +43,8 @@ from qkv.reference import kv, sparse
 from qkv.reference.kv import KVPolicy, KVSelector, StreamingLLM
 
 Method = KVPolicy | KVSelector | None
+#: The tasks the harness runs (generators of :mod:`qkv.lab.tasks` with their default settings).
+TASKS = ("passkey", "recall")
 #: ``name -> (budget -> method)``: a cache policy (the budget is the tokens kept per KV head),
 #: a decode-time selector (the budget is the keys read per step), or ``None`` (the full cache).
 METHODS: dict[str, Callable[[int], Method]] = {
@@ -52,6 +61,17 @@ def register(name: str, factory: Callable[[int], Method]) -> None:
     METHODS[name] = factory
 
 
+#: The shortest recall prompt: BOS, 4 records of 4 tokens, ``QUERY KEY w``.
+RECALL_SHORTEST = 1 + 4 * 4 + 3
+
+
+def example(task: str, length: int, depth: float, rng: np.random.Generator) -> tasks.Example:
+    """One prompt of ``task`` (passkey: 5 digits; recall: 4 records, 2-digit values)."""
+    if task == "passkey":
+        return tasks.passkey(length, depth, rng)
+    return tasks.recall(length, depth, rng)
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """What to evaluate.
@@ -63,6 +83,7 @@ class EvalConfig:
         depths: needle depths in ``[0, 1]``.
         per_cell: prompts per (length, depth) cell, decoded as one batch.
         seed: seed of the prompts (held out: the training stream uses other seeds).
+        tasks: task names in :data:`TASKS`.
     """
 
     methods: tuple[str, ...] = ("full", "streaming")
@@ -72,6 +93,7 @@ class EvalConfig:
     per_cell: int = 4
     seed: int = 2024
     extra: dict = field(default_factory=dict)
+    tasks: tuple[str, ...] = ("passkey",)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -86,19 +108,29 @@ class EvalConfig:
             raise ParameterError(f"depths: expected fractions in [0, 1], got {self.depths}")
         if not isinstance(self.per_cell, int) or self.per_cell < 1:
             raise ParameterError(f"per_cell: expected an int >= 1, got {self.per_cell!r}")
+        if not self.tasks or any(t not in TASKS for t in self.tasks):
+            raise ParameterError(f"tasks: expected names in {TASKS}, got {list(self.tasks)}")
+        if "recall" in self.tasks and min(self.lengths) < RECALL_SHORTEST:
+            raise ParameterError(
+                f"lengths: recall prompts need at least {RECALL_SHORTEST} tokens, got "
+                f"{min(self.lengths)}"
+            )
 
 
 def _cell(
     weights: dec.DecoderWeights,
     method: Method,
+    task: str,
     length: int,
     depth: float,
     cfg: EvalConfig,
     i: int,
     j: int,
 ) -> dict:
+    # passkey keeps the seeds it always had; other tasks add their index to them
+    tag = () if task == "passkey" else (TASKS.index(task),)
     exs = [
-        tasks.passkey(length, depth, np.random.default_rng((cfg.seed, i, j, r)))
+        example(task, length, depth, np.random.default_rng((cfg.seed, i, j, r, *tag)))
         for r in range(cfg.per_cell)
     ]
     prompts = np.stack([e.prompt for e in exs])  # (per_cell, length)
@@ -127,8 +159,8 @@ def run(
         progress: show a rich progress bar.
 
     Returns:
-        ``{"config": ..., "machine": ..., "rows": [...]}``; each row has ``method``,
-        ``budget`` (``None`` for ``full``), ``length``, ``depth``, ``accuracy``,
+        ``{"config": ..., "machine": ..., "rows": [...]}``; each row has ``task``,
+        ``method``, ``budget`` (``None`` for ``full``), ``length``, ``depth``, ``accuracy``,
         ``cache_bytes`` and ``seconds_per_token``.
     """
     weights = weights or dec.load()
@@ -145,16 +177,16 @@ def run(
     rows = []
     start = time.perf_counter()
     with _progress(progress) as bar:
-        task = bar.add_task(
-            "kv-eval", total=len(jobs) * len(cfg.lengths) * len(cfg.depths), loss=float("nan")
-        )
-        for method, budget in jobs:
+        cells = len(cfg.tasks) * len(jobs) * len(cfg.lengths) * len(cfg.depths)
+        progress_task = bar.add_task("kv-eval", total=cells, loss=float("nan"))
+        for task, (method, budget) in ((t, job) for t in cfg.tasks for job in jobs):
             for i, length in enumerate(cfg.lengths):
                 for j, depth in enumerate(cfg.depths):
                     built = METHODS[method](budget)
-                    cell = _cell(weights, built, length, depth, cfg, i, j)
+                    cell = _cell(weights, built, task, length, depth, cfg, i, j)
                     rows.append(
                         {
+                            "task": task,
                             "method": method,
                             "budget": budget,
                             "length": length,
@@ -162,7 +194,7 @@ def run(
                             **cell,
                         }
                     )
-                    bar.update(task, advance=1, loss=cell["accuracy"])
+                    bar.update(progress_task, advance=1, loss=cell["accuracy"])
     return {
         "config": asdict(cfg),
         "machine": {"platform": platform.platform(), "processor": platform.machine()},
@@ -179,14 +211,21 @@ def save(results: dict, path: str | Path) -> Path:
     return path
 
 
-def summary(results: dict) -> list[tuple[str, str, float, float, float]]:
-    """``(method, budget, accuracy, cache KiB, ms per token)`` averaged over lengths and depths."""
+def task_rows(results: dict, task: str | None = None) -> list[dict]:
+    """The rows of one task (default: the first the config names; rows written before tasks
+    existed are passkey rows)."""
+    task = task or results["config"].get("tasks", ("passkey",))[0]
+    return [r for r in results["rows"] if r.get("task", "passkey") == task]
+
+
+def summary(results: dict, task: str | None = None) -> list[tuple[str, str, float, float, float]]:
+    """``(method, budget, accuracy, cache KiB, ms per token)`` of one task (default: the first
+    evaluated) averaged over lengths and depths."""
     out = []
-    keys = sorted({(r["method"], r["budget"] or 0) for r in results["rows"]})
+    mine = task_rows(results, task)
+    keys = sorted({(r["method"], r["budget"] or 0) for r in mine})
     for method, budget in keys:
-        rows = [
-            r for r in results["rows"] if r["method"] == method and (r["budget"] or 0) == budget
-        ]
+        rows = [r for r in mine if r["method"] == method and (r["budget"] or 0) == budget]
         out.append(
             (
                 method,
@@ -199,9 +238,12 @@ def summary(results: dict) -> list[tuple[str, str, float, float, float]]:
     return out
 
 
-def heat(results: dict, method: str, budget: int | None) -> tuple[np.ndarray, list, list]:
-    """Accuracy ``(depths, lengths)`` of one method and budget, with the axes' values."""
-    rows = [r for r in results["rows"] if r["method"] == method and r["budget"] == budget]
+def heat(
+    results: dict, method: str, budget: int | None, task: str | None = None
+) -> tuple[np.ndarray, list, list]:
+    """Accuracy ``(depths, lengths)`` of one method and budget on one task (default: the
+    first evaluated), with the axes' values."""
+    rows = [r for r in task_rows(results, task) if r["method"] == method and r["budget"] == budget]
     lengths = sorted({r["length"] for r in rows})
     depths = sorted({r["depth"] for r in rows})
     grid = np.full((len(depths), len(lengths)), np.nan)
@@ -211,10 +253,12 @@ def heat(results: dict, method: str, budget: int | None) -> tuple[np.ndarray, li
 
 
 def plot(results: dict, out_dir: str | Path, *, heat_budget: int | None = None) -> list[Path]:
-    """Save ``kv_eval_accuracy.png`` (accuracy vs budget) and ``kv_eval_heatmap.png``.
+    """Save ``kv_eval_accuracy.png`` (accuracy vs budget, one panel per task) and
+    ``kv_eval_heatmap.png``.
 
-    The heat maps show, per method, accuracy over depth x length at ``heat_budget`` (default:
-    the second-smallest budget evaluated, or the smallest if there is one).
+    The heat maps show, per method, accuracy over depth x length on the first task at
+    ``heat_budget`` (default: the second-smallest budget evaluated, or the smallest if there
+    is one).
     """
     import matplotlib
 
@@ -225,43 +269,56 @@ def plot(results: dict, out_dir: str | Path, *, heat_budget: int | None = None) 
     out_dir.mkdir(parents=True, exist_ok=True)
     budgets = results["config"]["budgets"]
     methods = results["config"]["methods"]
-    fig, ax = plt.subplots(figsize=(6, 3.8), layout="constrained")
-    for method in methods:
-        if method == "full":
-            acc = np.mean([r["accuracy"] for r in results["rows"] if r["method"] == "full"])
-            ax.axhline(acc, color="k", ls="--", label="full cache")
-            continue
-        ys = [
-            np.mean(
-                [
-                    r["accuracy"]
-                    for r in results["rows"]
-                    if r["method"] == method and r["budget"] == b
-                ]
-            )
-            for b in budgets
-        ]
-        ax.plot(budgets, ys, "o-", label=method)
-    ax.set(
-        xscale="log",
-        xlabel="cache budget (tokens per head)",
-        ylabel="passkey accuracy",
-        ylim=(-0.02, 1.02),
-        title="accuracy vs budget (mean over lengths and depths)",
+    names = results["config"].get("tasks", ("passkey",))
+    fig, panels = plt.subplots(
+        1, len(names), figsize=(5.5 * len(names) + 2.2, 4.2), squeeze=False, layout="constrained"
     )
-    ax.minorticks_off()
-    ax.set_xticks(budgets, [str(b) for b in budgets])
-    ax.legend()
+    colours = plt.get_cmap("tab20").colors
+    styles = ("o-", "s--", "^-.", "D:")
+    for ax, task in zip(panels[0], names, strict=True):
+        rows = task_rows(results, task)
+        others = [m for m in methods if m != "full"]
+        for method in methods:
+            if method == "full":
+                acc = np.mean([r["accuracy"] for r in rows if r["method"] == "full"])
+                ax.axhline(acc, color="k", ls="--", label="full cache")
+                continue
+            ys = [
+                np.mean([r["accuracy"] for r in rows if r["method"] == method and r["budget"] == b])
+                for b in budgets
+            ]
+            j = others.index(method)  # a colour each; the style tells the 20+ apart
+            ax.plot(budgets, ys, styles[(j // 10) % 4], color=colours[(2 * j) % 20 + (j // 10) % 2],
+                    ms=4, label=method)  # fmt: skip
+        ax.set(
+            xscale="log",
+            xlabel="cache budget (tokens per head)",
+            ylabel=f"{task} accuracy",
+            ylim=(-0.02, 1.02),
+            title=f"{task} (mean over lengths and depths)",
+        )
+        ax.minorticks_off()
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+    handles, labels = panels[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize="small")
     acc_path = out_dir / "kv_eval_accuracy.png"
     fig.savefig(acc_path, dpi=100)
     plt.close(fig)
 
     if heat_budget is None:
         heat_budget = sorted(budgets)[min(1, len(budgets) - 1)]
+    columns = min(len(methods), 6)
+    grid_rows = -(-len(methods) // columns)
     fig, axes = plt.subplots(
-        1, len(methods), figsize=(3.6 * len(methods), 3.4), squeeze=False, layout="constrained"
+        grid_rows,
+        columns,
+        figsize=(3.0 * columns + 1, 2.8 * grid_rows),
+        squeeze=False,
+        layout="constrained",
     )
-    for ax, method in zip(axes[0], methods, strict=True):
+    for ax in axes.flat[len(methods) :]:
+        ax.axis("off")
+    for ax, method in zip(axes.flat, methods, strict=False):
         grid, depths, lengths = heat(results, method, None if method == "full" else heat_budget)
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
@@ -271,7 +328,7 @@ def plot(results: dict, out_dir: str | Path, *, heat_budget: int | None = None) 
             ylabel="needle depth",
             title=method if method == "full" else f"{method}, budget {heat_budget}",
         )
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="accuracy")
     heat_path = out_dir / "kv_eval_heatmap.png"
     fig.savefig(heat_path, dpi=100)
     plt.close(fig)
@@ -301,14 +358,33 @@ def names(text: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def markdown(results: dict) -> str:
-    """The summary table (:func:`summary`) as Markdown, for the docs page."""
-    lines = [
-        "| method | budget (tokens) | passkey accuracy | cache KiB | ms / decoded token |",
-        "|---|---|---|---|---|",
-    ]
-    for method, budget, acc, kib, ms in summary(results):
-        lines.append(f"| {method} | {budget} | {acc:.2f} | {kib:.1f} | {ms:.2f} |")
-    return "\n".join(lines)
+    """The summary (:func:`summary`) of each task as a Markdown table for the docs page.
+
+    One row per method: its accuracy at each budget, then the cache size from the smallest to
+    the largest budget and the time per decoded token averaged over the budgets.
+    """
+    tables = []
+    for task in results["config"].get("tasks", ("passkey",)):
+        by_method: dict[str, list[tuple[str, float, float, float]]] = {}
+        for method, budget, acc, kib, ms in summary(results, task):
+            by_method.setdefault(method, []).append((budget, acc, kib, ms))
+        budgets = sorted({int(b) for rows in by_method.values() for b, *_ in rows if b != "all"})
+        lines = [
+            f"**{task} accuracy** at each budget (tokens per head), cache KiB and ms per "
+            "decoded token:",
+            "",
+            "| method | " + " | ".join(str(b) for b in budgets) + " | cache KiB | ms / token |",
+            "|---|" + "---|" * (len(budgets) + 2),
+        ]
+        for method, rows in by_method.items():
+            acc = {b: a for b, a, _, _ in rows}
+            cells = [f"{acc.get(str(b), acc.get('all', float('nan'))):.2f}" for b in budgets]
+            kib = sorted({f"{k:.0f}" for _, _, k, _ in rows}, key=float)
+            size = kib[0] if len(kib) == 1 else f"{kib[0]}–{kib[-1]}"
+            ms = float(np.mean([m for *_, m in rows]))
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {size} | {ms:.2f} |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 # --------------------------------------------------------------------------- the catalog's methods
@@ -360,3 +436,35 @@ register(
     lambda budget: sparse.TidalDecode(top_k=budget, sparse_layer_start=1, correction_layer=2),
 )
 register("hip", lambda budget: sparse.HiP(mask_k=max(budget - 8, 1), sliding_window=8))
+# ActQKV: sinks 4, local 8, blocks of 4 tokens; the entropy cut-off reads between half the
+# blocks the budget allows and all of them
+register(
+    "actqkv",
+    lambda budget: sparse.ActQKV(
+        n_init=4,
+        n_local=8,
+        block_size=4,
+        top_k=max((budget - 12) // 4, 1),
+        min_k=max((budget - 12) // 8, 1),
+        repr_topk=2,
+    ),
+)
+# CRITIC and QuoTA: the budget is the tokens each KV head keeps (window 8; CRITIC 4 sinks,
+# QuoTA segments of 16 tokens); ZipVL sizes each layer from its attention (tau 0.97), so the
+# budget is ignored, dropping (zipvl) or storing at 2 bits (zipvl-mixed) the rest
+register("critic", lambda budget: kv.Critic(budget=budget, window=min(8, budget - 5), n_sink=4))
+register("quota", lambda budget: kv.QuoTA(budget=budget, window=min(8, budget - 1), segment=16))
+register("zipvl", lambda budget: kv.ZipVL(tau=0.97))
+register("zipvl-mixed", lambda budget: kv.ZipVL(tau=0.97, rest="quantize"))
+# A2ATS: 4 sinks and 8 local tokens; each of the 4 query heads of a KV group retrieves
+# (budget - 12) // 4 keys by its codebook scores, so the group's union reads at most the budget
+# (codebooks calibrated once per process on held-out passkey prompts, 128 words per KV head)
+register(
+    "a2ats",
+    lambda budget: sparse.A2ATS(
+        sparse.a2ats_retrieval.lab_codebooks(),
+        n_sink=4,
+        window=8,
+        top_k=max((budget - 12) // 4, 1),
+    ),
+)

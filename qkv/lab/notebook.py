@@ -25,3 +25,33 @@ def show_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def passkey_accuracy(
+    weights: Any,
+    length: int,
+    depths: Sequence[float],
+    per: int,
+    *,
+    seed: int,
+    policy: Any = None,
+    selector: Any = None,
+) -> float:
+    """Fraction of seeded passkey prompts whose 5 digits the lab engine decodes exactly.
+
+    Prompt ``r`` at ``depths[i]`` is ``tasks.passkey(length, depths[i], rng)`` with
+    ``rng = default_rng((seed, i, r))``, ``per`` prompts a depth, decoded as one batch per depth
+    with the KV ``policy`` and/or decode-time ``selector`` (both ``None``: the full cache).
+    """
+    from qkv.lab import engine, tasks
+
+    hits = []
+    for i, depth in enumerate(depths):
+        examples = [
+            tasks.passkey(length, depth, np.random.default_rng((seed, i, r))) for r in range(per)
+        ]
+        prompts = np.stack([e.prompt for e in examples])  # (per, length)
+        answers = np.stack([e.answer for e in examples])  # (per, 5)
+        g = engine.generate(weights, prompts, answers.shape[1], policy=policy, selector=selector)
+        hits += np.all(g.tokens == answers, axis=1).tolist()
+    return float(np.mean(hits))

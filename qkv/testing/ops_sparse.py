@@ -4,7 +4,9 @@ Importing this module registers the op's :class:`qkv.testing.specs.OpSpec`. The 
 batch and grouped heads, 1-4 queries, 1-70 keys, head dims from
 :func:`qkv.testing.strategies.head_dims`, 1-12 selection slots per head (or per query) with
 ``-1`` padding, rows with no key at all, repeated indices, logit magnitudes up to 1e3, value
-magnitudes, ``scale`` and ``return_lse``. Hypothesis is imported only when calls are drawn.
+magnitudes, ``scale``, ``return_lse`` and a per-slot ``bias`` in each of its layouts
+(``(B, H, S)``, ``(B, Hkv, S)``, ``(B, H, N, S)``) with ``log`` counts, large values and ``-inf``
+(dropped) slots. Hypothesis is imported only when calls are drawn.
 """
 
 from __future__ import annotations
@@ -51,8 +53,15 @@ def sparse_attention_cases() -> Any:
             kwargs["return_lse"] = True
         if draw(st.integers(0, 3)) == 3:
             kwargs["scale"] = draw(st.sampled_from([0.05, 1.0]))
+        layout = draw(st.sampled_from(["none", "none", "head", "kv head", "query"]))
+        if layout != "none":
+            bias_shape = {"head": (B, H, S), "kv head": (B, Hkv, S), "query": (B, H, N, S)}
+            bias = np.log(rng.integers(1, 50, size=bias_shape[layout])).astype(np.float64)
+            bias *= draw(st.sampled_from([1.0, 10.0]))
+            dropped = draw(st.sampled_from([0.0, 0.3, 1.0]))  # share of -inf slots
+            kwargs["bias"] = np.where(rng.uniform(size=bias.shape) < dropped, -np.inf, bias)
         notes = {"seed": seed, "|logits|": f"~{logits:g}", "|v|": f"~{values:g}",
-                 "empty slots": empty, "per query": per_query}  # fmt: skip
+                 "empty slots": empty, "per query": per_query, "bias": layout}  # fmt: skip
         return Case("sparse_attention", (q, k, v, idx), kwargs, notes)
 
     return cases()

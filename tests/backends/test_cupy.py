@@ -55,6 +55,7 @@ def _config_options(source: Path, D: int, Dv: int) -> tuple[str, ...]:
 def test_every_kernel_source_is_listed() -> None:
     assert {p.name for p in KERNELS} == {
         "flash_fwd.cu",
+        "kv.cu",
         "neighborhood_fwd.cu",
         "relative_fwd.cu",
         "rope.cu",

@@ -37,23 +37,36 @@ ROOT = Path(__file__).resolve().parents[2]
 TOL = {np.float32: 2e-5, np.float64: 1e-12}
 
 
-def loop_attention(q, k, v, idx, scale=None):
-    """Row by row in float64: softmax over the listed keys (each listed entry one term)."""
+def loop_attention(q, k, v, idx, scale=None, bias=None):
+    """Row by row in float64: softmax over the listed keys (each listed entry one term), each
+    slot's score plus its bias (a ``-inf`` slot left out)."""
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     B, H, N, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
+    G = H // Hkv
     scale = D**-0.5 if scale is None else scale
     idx = np.asarray(idx)
     out, lse = np.zeros((B, H, N, Dv)), np.full((B, H, N), -np.inf)
     for b in range(B):
         for h in range(H):
-            g = h // (H // Hkv)
+            g = h // G
             for i in range(N):
                 row = idx[b, h, i] if idx.ndim == 4 else idx[b, h]
-                js = [int(j) for j in row if j >= 0]
-                if not js:
+                if bias is None:
+                    brow = np.zeros(len(row))
+                elif bias.ndim == 4:
+                    brow = bias[b, h, i]
+                else:
+                    brow = bias[b, h if bias.shape[1] == H else g]
+                pairs = [
+                    (int(j), float(c))
+                    for j, c in zip(row, brow, strict=True)
+                    if j >= 0 and c > -np.inf
+                ]
+                if not pairs:
                     continue
-                s = np.array([scale * q[b, h, i] @ k[b, g, j] for j in js])
+                s = np.array([scale * q[b, h, i] @ k[b, g, j] + c for j, c in pairs])
+                js = [j for j, _ in pairs]
                 w = np.exp(s - s.max())
                 out[b, h, i] = w @ v[b, g, js] / w.sum()
                 lse[b, h, i] = s.max() + np.log(w.sum())
@@ -298,3 +311,130 @@ def test_benchmark_quick_mode_runs(tmp_path):
     from qkv.bench import render_markdown
 
     assert "timings" in render_markdown(out)
+
+
+# --------------------------------------------------------------------------- per-slot bias
+
+BIAS_LAYOUTS = ["head", "kv-head", "query"]
+
+
+def make_bias(seed, layout, *, B=2, H=4, Hkv=2, N=3, S=11):
+    """Log counts (1..9), 10% ``-inf`` (dropped) slots, in one of the three layouts."""
+    rng = np.random.default_rng(seed)
+    shape = {"head": (B, H, S), "kv-head": (B, Hkv, S), "query": (B, H, N, S)}[layout]
+    bias = np.log(rng.integers(1, 10, size=shape)).astype(np.float64)
+    return np.where(rng.uniform(size=shape) < 0.1, -np.inf, bias)
+
+
+@needs_numba
+@pytest.mark.parametrize("layout", BIAS_LAYOUTS)
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
+@pytest.mark.parametrize("shared", [False, True], ids=["own-lists", "group-lists"])
+def test_numba_bias_matches_loop(layout, parallel, shared):
+    """Both drivers, with a KV group's heads reading their own lists or one shared list (each key
+    row then read once for the whole group)."""
+    from qkv.backends.numba import _sparse
+
+    q, k, v, idx = make_case(7, per_query=False)
+    if shared:
+        idx = np.repeat(idx[:, ::2], 2, axis=1)  # (B, H, S): heads 2g and 2g+1 share a list
+    bias = make_bias(8, layout)
+    for dtype in (np.float32, np.float64):
+        args = [x.astype(dtype) for x in (q, k, v)]
+        check_sparse_attention(*args, idx, bias=bias)
+        with _outputs.poisoned():
+            out, lse = _sparse.sparse_attention(
+                *args, idx, scale=0.3, bias=bias, return_lse=True, parallel=parallel
+            )
+        want, want_lse = loop_attention(q, k, v, idx, scale=0.3, bias=bias)
+        assert_close(out, want, TOL[dtype])
+        assert_close(lse, want_lse, TOL[dtype], "lse")
+
+
+@needs_numba
+def test_numba_group_sharing_is_detected_only_when_lists_agree():
+    from qkv.backends.numba import _sparse
+
+    q, k, v, idx = make_case(9, per_query=True)
+    shared = _sparse.kernels()["shared"]
+    same = np.repeat(idx[:, ::2], 2, axis=1)  # (B, H, N, S)
+    assert shared(np.ascontiguousarray(same), 2)
+    differ = same.copy()
+    differ[1, 3, 2, 5] = (differ[1, 2, 2, 5] + 1) % 40
+    assert not shared(differ, 2)
+    assert not shared(same, 1)  # no group: nothing to share
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", BIAS_LAYOUTS)
+def test_triton_kernel_bias_matches_loop(device, layout):
+    device = triton_device_or_skip(device)
+    from qkv.backends.torch.triton.sparse import sparse_forward
+
+    q, k, v, idx = make_case(10, per_query=layout == "query", S=37)
+    bias = make_bias(11, layout, S=37)
+    want, want_lse = loop_attention(q, k, v, idx, scale=0.25, bias=bias)
+    args = [torch.from_numpy(x).to(device=device, dtype=torch.float32) for x in (q, k, v)]
+    index, b = torch.from_numpy(idx).to(device), torch.from_numpy(bias).to(device)
+    for chunk in (None, 16):
+        out, lse = sparse_forward(*args, index, scale=0.25, bias=b, chunk=chunk, block_s=16)
+        assert_close(out.cpu().double().numpy(), want, 2e-5)
+        assert_close(lse.cpu().numpy(), want_lse, 2e-5, "lse")
+
+
+@pytest.mark.parametrize("layout", BIAS_LAYOUTS)
+def test_torch_ops_bias_matches_loop_with_gradients(layout):
+    """float64 (never the kernel): the bias gets gradients too (razor's log counts could be
+    learned)."""
+    q, k, v, idx = make_case(12, per_query=layout != "head")
+    bias = make_bias(13, layout)
+    t = [torch.from_numpy(x).requires_grad_() for x in (q, k, v)]
+    tb = torch.from_numpy(np.where(np.isinf(bias), -1e4, bias)).requires_grad_()
+    out, lse = torch_backend.sparse_attention(*t, torch.from_numpy(idx), bias=tb, return_lse=True)
+    finite = np.where(np.isinf(bias), -1e4, bias)
+    want, want_lse = loop_attention(q, k, v, idx, bias=finite)
+    assert_close(out.detach().numpy(), want, 1e-12)
+    assert_close(lse.detach().numpy(), want_lse, 1e-12, "lse")
+    out.sum().backward()
+    assert tb.grad is not None and torch.isfinite(tb.grad).all() and tb.grad.abs().sum() > 0
+    with torch.no_grad():  # -inf itself (no gradient needed)
+        out = torch_backend.sparse_attention(
+            *(x.detach() for x in t), torch.from_numpy(idx), bias=torch.from_numpy(bias)
+        )
+    assert_close(out.numpy(), loop_attention(q, k, v, idx, bias=bias)[0], 1e-12)
+
+
+@needs_nvcc
+def test_cupy_bias_arguments_match_the_kernel_signature(tmp_path):
+    ptx = tmp_path / "k.ptx"
+    nvcc(SOURCE, ptx, "--ptx")
+    params = ptx_params(ptx)
+    q = np.zeros((1, 8, 1, 64), np.float32)
+    k = v = np.zeros((1, 2, 4096, 64), np.float32)
+    idx = np.broadcast_to(np.zeros((1, 8, 1, 400), np.int64), (1, 8, 1, 400))
+    part_o, part_lse = np.zeros((8, 2, 64), np.float32), np.zeros((8, 2), np.float32)
+    for bias in (np.zeros((1, 2, 400), np.float32), np.zeros((1, 8, 1, 400), np.float32)):
+        args = cupy_sparse.sparse_arguments(
+            q, k, v, idx, part_o, part_lse, chunk=200, n_splits=2, scale=0.125, bias=bias
+        )
+        assert [ptx_arg_type(a) for a in args] == params[cupy_sparse.kernel_name("float32")]
+        assert args[4] is bias
+        group = int(args[-2])
+        assert group == (4 if bias.ndim == 3 else 1)  # H / Hkv for a bias per KV head
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("layout", BIAS_LAYOUTS)
+def test_cupy_bias_matches_loop(layout):
+    import cupy
+
+    q, k, v, idx = make_case(14, per_query=layout == "query", S=300, M=500)
+    bias = make_bias(15, layout, S=300)
+    want, want_lse = loop_attention(q, k, v, idx, bias=bias)
+    args = [cupy.asarray(x.astype(np.float32)) for x in (q, k, v)]
+    out, lse = call_checked(
+        cupy_backend, *args, cupy.asarray(idx), bias=cupy.asarray(bias), return_lse=True
+    )
+    assert_close(cupy.asnumpy(out), want, 2e-5)
+    assert_close(cupy.asnumpy(lse), want_lse, 2e-5, "lse")

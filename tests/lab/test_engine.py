@@ -177,3 +177,37 @@ def test_bad_arguments(small):
         engine.generate(small, np.arange(5), 0)
     with pytest.raises(TypeError, match="policy: expected a KVPolicy"):
         engine.prefill(small, np.arange(5), policy="streaming")
+
+
+@dataclass(frozen=True)
+class _Quantised(KVPolicy):
+    """Keeps every slot and says its quantised form takes ``bits`` bits (after the prefill)."""
+
+    bits: int = 1001
+
+    def compress(self, layer: int, cache: CacheView) -> KeptCache:
+        kept = gather(cache, np.where(cache.valid, np.arange(cache.indices.shape[-1]), -1))
+        return KeptCache(**{**kept.__dict__, "extra": {"quantized_bits": self.bits}})
+
+
+def test_nbytes_counts_quantised_slots_at_their_exact_bits(small):
+    """The prompt's slots count ``ceil(bits / 8)`` bytes; tokens decoded after the policy ran
+    count as the floats held; SAQ (compressing every step) covers every slot."""
+    from qkv.reference.kv import SAQ, ZipCache
+
+    prompt = np.random.default_rng(7).integers(8, 64, size=(2, 20))
+    g = engine.generate(small, prompt, 4, policy=_Quantised())
+    floats = 2 * SMALL.n_kv_heads * 3 * 2 * SMALL.head_dim * 4  # rows, heads, 3 decoded, k+v
+    assert all(c.nbytes() == 126 + floats for c in g.cache.layers)  # ceil(1001 / 8) = 126
+    full = engine.generate(small, prompt, 4).cache
+    zip_ = engine.generate(small, prompt, 4, policy=ZipCache()).cache
+    for z, f in zip(zip_.layers, full.layers, strict=True):
+        bits = z.extra["quantized_bits"]
+        assert z.nbytes() == -(-bits // 8) + floats
+        # at least 2 bits an element plus the scales: far below the float32 prompt
+        assert 2 * 2 * SMALL.n_kv_heads * 20 * SMALL.head_dim * 2 / 8 < bits / 8 < f.nbytes() / 3
+    saq = engine.generate(small, prompt, 4, policy=SAQ(segment=8, require_mqa=False)).cache
+    for c in saq.layers:
+        bits = c.extra["quantized_bits"]
+        assert c.extra["quantized_tokens"] == 23  # compressed after the last step
+        assert c.nbytes() == -(-bits // 8) + c.extra["saq_bits"].nbytes

@@ -127,3 +127,65 @@ def test_cli_kv_eval_runs_and_reports_bad_input(tmp_path):
         app, ["lab", "kv-eval", "--weights", str(tmp_path / "no.npz")], terminal_width=150
     )
     assert result.exit_code == 2 and "qkv lab train-decoder" in result.output
+
+
+@pytest.fixture(scope="module")
+def both_tasks(model):
+    cfg = kv.EvalConfig(
+        tasks=("passkey", "recall"), budgets=(8, 300), lengths=(24, 60), depths=(0.5,), per_cell=3
+    )
+    return kv.run(model, cfg)
+
+
+def test_recall_rows_carry_their_task_and_answers_of_two_digits(both_tasks, model):
+    rows = both_tasks["rows"]
+    assert {r["task"] for r in rows} == {"passkey", "recall"}
+    for task in ("passkey", "recall"):
+        mine = kv.task_rows(both_tasks, task)
+        assert len(mine) == 2 + 2 * 2  # full per length, streaming per budget and length
+        by = {(r["method"], r["budget"], r["length"]): r for r in mine}
+        for length in (24, 60):  # a budget above the context is the full cache
+            assert (
+                by[("streaming", 300, length)]["accuracy"] == by[("full", None, length)]["accuracy"]
+            )
+    # the prompts are the task's own: rebuild one recall cell and decode it directly
+    ex = [
+        kv.example("recall", 60, 0.5, np.random.default_rng((2024, 1, 0, r, 1))) for r in range(3)
+    ]
+    assert all(len(e.answer) == 2 and e.prompt[-3] == kv.tasks.QUERY for e in ex)
+    g = kv.engine.generate(model, np.stack([e.prompt for e in ex]), 2)
+    hits = np.mean(np.all(g.tokens == np.stack([e.answer for e in ex]), axis=1))
+    full = [r for r in kv.task_rows(both_tasks, "recall") if r["method"] == "full"]
+    assert hits == next(r["accuracy"] for r in full if r["length"] == 60)
+
+
+def test_summary_markdown_and_plots_per_task(both_tasks, tmp_path):
+    assert kv.summary(both_tasks) == kv.summary(both_tasks, "passkey")
+    assert [s[:2] for s in kv.summary(both_tasks, "recall")] == [
+        ("full", "all"),
+        ("streaming", "8"),
+        ("streaming", "300"),
+    ]
+    page = kv.markdown(both_tasks)
+    assert "passkey accuracy" in page and "recall accuracy" in page
+    old = {
+        **both_tasks,
+        "rows": [{k: v for k, v in r.items() if k != "task"} for r in both_tasks["rows"]],
+    }
+    old["config"] = {k: v for k, v in both_tasks["config"].items() if k != "tasks"}
+    assert len(kv.task_rows(old)) == len(both_tasks["rows"])  # results saved before tasks
+    for p in kv.plot(both_tasks, tmp_path):
+        assert p.stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"tasks": ("copy",)}, "tasks: expected names in"),
+        ({"tasks": ()}, "tasks: expected names in"),
+        ({"tasks": ("recall",), "lengths": (12,)}, "recall prompts need at least 20"),
+    ],
+)
+def test_bad_tasks(kw, match):
+    with pytest.raises(ParameterError, match=match):
+        kv.EvalConfig(**kw)

@@ -174,19 +174,21 @@ def _toy_backend(fn):
 def test_conformance_kit_passes_a_faithful_backend_and_catches_a_wrong_one():
     from qkv.testing import check_backend
 
-    def faithful(q, k, v, indices, *, scale=None, return_lse=False):
-        return sparse_attention(q, k, v, indices, scale=scale, return_lse=return_lse)
+    def faithful(q, k, v, indices, *, scale=None, bias=None, return_lse=False):
+        return sparse_attention(q, k, v, indices, scale=scale, bias=bias, return_lse=return_lse)
 
-    def reads_empty_slots(q, k, v, indices, *, scale=None, return_lse=False):
+    def reads_empty_slots(q, k, v, indices, *, scale=None, bias=None, return_lse=False):
         idx = np.where(indices >= 0, indices, 0)  # treats -1 as key 0
-        return sparse_attention(q, k, v, idx, scale=scale, return_lse=return_lse)
+        return sparse_attention(q, k, v, idx, scale=scale, bias=bias, return_lse=return_lse)
+
+    def ignores_bias(q, k, v, indices, *, scale=None, bias=None, return_lse=False):
+        return sparse_attention(q, k, v, indices, scale=scale, return_lse=return_lse)
 
     good = check_backend(_toy_backend(faithful), ops=["sparse_attention"], max_examples=15, seed=0)
     assert good.ok
-    bad = check_backend(
-        _toy_backend(reads_empty_slots), ops=["sparse_attention"], max_examples=15, seed=0
-    )
-    assert not bad.ok
+    for wrong in (reads_empty_slots, ignores_bias):
+        bad = check_backend(_toy_backend(wrong), ops=["sparse_attention"], max_examples=15, seed=0)
+        assert not bad.ok, wrong.__name__
 
 
 def test_torch_backend_passes_the_conformance_kit_and_keeps_tensors():
@@ -207,3 +209,118 @@ def test_torch_backend_passes_the_conformance_kit_and_keeps_tensors():
     )  # fmt: skip
     out.sum().backward()  # autograd through the gather
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+# --------------------------------------------------------------------------- per-slot bias
+
+
+def bias_of(rng, layout, B=2, H=4, Hkv=2, N=3, S=5):
+    shape = {"head": (B, H, S), "kv-head": (B, Hkv, S), "query": (B, H, N, S)}[layout]
+    return rng.standard_normal(shape)
+
+
+LAYOUTS = ["head", "kv-head", "query"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_zero_bias_is_no_bias(layout):
+    rng = np.random.default_rng(20)
+    q, k, v = arrays(rng)
+    idx = rng.integers(-1, 11, size=(2, 4, 3, 5))
+    zero = np.zeros_like(bias_of(rng, layout))
+    got = sparse_attention(q, k, v, idx, bias=zero, return_lse=True)
+    want = sparse_attention(q, k, v, idx, return_lse=True)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31), copies=st.lists(st.integers(1, 5), min_size=5, max_size=5))
+def test_log_count_bias_equals_listing_the_key_that_many_times(seed, copies):
+    """``bias = log c`` on a slot weighs its key as ``c`` copies of it (RazorAttention's
+    compensation token, standing for the tokens it merged)."""
+    rng = np.random.default_rng(seed)
+    q, k, v = arrays(rng)
+    idx = rng.integers(0, 11, size=(2, 4, 5))
+    bias = np.broadcast_to(np.log(np.array(copies, dtype=float)), (2, 4, 5))
+    out, lse = sparse_attention(q, k, v, idx, bias=bias, return_lse=True)
+    repeated = np.repeat(idx, copies, axis=-1)  # (B, H, sum(copies)): slot t listed c_t times
+    want, want_lse = sparse_attention(q, k, v, repeated, return_lse=True)
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31), layout=st.sampled_from(LAYOUTS))
+def test_minus_inf_bias_equals_dropping_the_slot(seed, layout):
+    rng = np.random.default_rng(seed)
+    q, k, v = arrays(rng)
+    idx = rng.integers(-1, 11, size=(2, 4, 3, 5))
+    bias = bias_of(rng, layout)
+    bias = np.where(rng.uniform(size=bias.shape) < 0.4, -np.inf, bias)
+    full_bias = np.broadcast_to(
+        bias[:, :, None] if bias.ndim == 3 else bias, (2, bias.shape[1], 3, 5)
+    )
+    if layout == "kv-head":
+        full_bias = np.repeat(full_bias, 2, axis=1)  # (B, H, N, S)
+    dropped = np.where(np.isneginf(full_bias), -1, idx)  # the -inf slots emptied instead
+    out, lse = sparse_attention(q, k, v, idx, bias=bias, return_lse=True)
+    want, want_lse = sparse_attention(
+        q, k, v, dropped, bias=np.where(np.isneginf(full_bias), 0.0, full_bias), return_lse=True
+    )
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-12)
+    assert np.isfinite(out).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31), layout=st.sampled_from(LAYOUTS), per_query=st.booleans())
+def test_bias_matches_explicit_loop(seed, layout, per_query):
+    """Each layout against the loop over keys with the bias written into the scores by hand."""
+    rng = np.random.default_rng(seed)
+    q, k, v = arrays(rng)
+    idx = rng.integers(-1, 11, size=(2, 4, 3, 5) if per_query else (2, 4, 5))
+    bias = bias_of(rng, layout)
+    out, lse = sparse_attention(q, k, v, idx, bias=bias, return_lse=True)
+    scale = 1 / math.sqrt(8)
+    want = np.zeros((2, 4, 3, 5))
+    want_lse = np.full((2, 4, 3), -np.inf)
+    for b in range(2):
+        for h in range(4):
+            for i in range(3):
+                sel = idx[b, h, i] if per_query else idx[b, h]
+                if layout == "query":
+                    row = bias[b, h, i]
+                else:
+                    row = bias[b, h // 2] if layout == "kv-head" else bias[b, h]
+                terms = [(int(j), scale * float(q[b, h, i] @ k[b, h // 2, j]) + float(c))
+                         for j, c in zip(sel, row, strict=True) if j >= 0]  # fmt: skip
+                if not terms:
+                    continue
+                z = sum(math.exp(s) for _, s in terms)
+                for j, s in terms:
+                    want[b, h, i] += math.exp(s) / z * v[b, h // 2, j]
+                want_lse[b, h, i] = math.log(z)
+    np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-10)
+
+
+def test_bias_bad_input():
+    rng = np.random.default_rng(21)
+    q, k, v = arrays(rng)
+    idx = rng.integers(-1, 11, size=(2, 4, 5))
+    with pytest.raises(ShapeError, match=r"bias: expected shape \(B, H, S\)=\(2, 4, 5\)"):
+        sparse_attention(q, k, v, idx, bias=np.zeros((2, 4, 6)))  # S differs from indices'
+    with pytest.raises(ShapeError, match="bias: expected shape"):
+        qkv.sparse_attention(q, k, v, idx, bias=np.zeros((2, 3, 5)))
+    with pytest.raises(ShapeError, match="bias: expected shape"):
+        sparse_attention(q, k, v, idx, bias=np.zeros((2, 2, 3, 5)))  # per query needs H heads
+    with pytest.raises(DTypeError, match="bias: expected a float dtype, got int64"):
+        sparse_attention(q, k, v, idx, bias=np.zeros((2, 4, 5), dtype=np.int64))
+    for bad in (np.nan, np.inf):
+        bias = np.zeros((2, 4, 5))
+        bias[1, 2, 3] = bad
+        with pytest.raises(ParameterError, match="bias: expected finite values or -inf"):
+            qkv.sparse_attention(q, k, v, idx, bias=bias)
+    with pytest.raises(TypeError, match="bias: expected a float array"):
+        sparse_attention(q, k, v, idx, bias=[0.0] * 5)

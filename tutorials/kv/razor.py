@@ -112,8 +112,9 @@ for weighting in ("count", "mean"):
 # %% [markdown]
 # ## 3. Needle retrieval on the lab decoder
 #
-# The engine reads the compensation token as a plain key (it has no per-slot logit bias), so
-# these runs use the MindSpore variant's attention. Non-retrieval heads keep the budget.
+# The engine passes the policy's `log_weight` to `qkv.sparse_attention` as a per-slot logit
+# bias, so the compensation token counts $|D|$ times, the paper's weighting (the default
+# `weighting="count"`). Non-retrieval heads keep the budget.
 
 # %%
 length = 128 if SMALL else 384
@@ -150,6 +151,6 @@ show_table(["budget (non-retrieval heads)", "razor", "streaming"], rows)
 # so two or three of the 8 KV heads keep everything (section 1 prints them), a much larger
 # share than in the paper.
 # Whether Razor beats StreamingLLM here depends on whether the heads the probe finds are the
-# ones that read the passkey (the table answers it for this model). The paper's weighting of
-# the compensation token needs a logit bias the engine does not apply yet; section 2 checks it
-# with `compensated_attention` instead.
+# ones that read the passkey (the table answers it for this model). The compensation token's
+# $|D|$ weighting runs end to end through the engine's per-slot bias; section 2 measured how
+# much it changes the attention output itself.

@@ -166,11 +166,33 @@ for name in ("reference", "numba", "torch"):
 show_table(["backend", "256 of 4096 keys, 8 heads", "rel. error"], rows)
 
 # %% [markdown]
-# The torch backend gathers the selected keys and takes a masked softmax (autograd-friendly);
-# Numba has no version yet, so its row runs the NumPy reference (the fallback). At this tiny
-# size the torch path's fixed costs (array conversion, expanding the KV groups before the
-# gather) outweigh the arithmetic, so it is not faster here; the table shows agreement. Reading $S$ of $M$ keys costs $O(S)$ per query rather than $O(M)$;
-# the catalog's selection methods differ in how cheaply they find the indices.
+# The numba kernel walks each row's slots once (online softmax: every selected key and value
+# row is read once), runs serially below a small work threshold and on threads above it, and
+# reads each row once for all the query heads of a KV group when their lists are equal. The
+# torch backend gathers the selected rows with `index_select` and takes a masked softmax
+# (autograd-friendly; the Triton gather kernel on a GPU). At this tiny size fixed per-call costs
+# (the argument check, array conversion) are a large share of every row. Reading $S$ of $M$
+# keys costs $O(S)$ per query rather than $O(M)$; `benchmarks/sparse.py` measures it at
+# $M = 65536$ against full decode attention. The catalog's selection methods differ in how
+# cheaply they find the indices.
+#
+# ## 5. A per-slot bias
+#
+# `bias` adds $b_{h,i,t}$ to the scaled score of slot $t$. A bias of $\log c$ weighs a key as
+# $c$ copies of it (RazorAttention's compensation token, the mean of $|\mathcal D|$ dropped
+# keys, counts $|\mathcal D|$ times this way; the lab engine passes the policy's
+# `log_weight` through it); $-\infty$ drops the slot.
+
+# %%
+copies = rng.integers(1, 4, size=5)  # (S,)
+few = rng.integers(0, M, size=(B, H, 5))  # (B, H, S)
+weighted = qkv.sparse_attention(q, k, v, few, bias=np.broadcast_to(np.log(copies), few.shape))
+listed = qkv.sparse_attention(q, k, v, np.repeat(few, copies, axis=-1))  # each key c times
+drop = np.where(np.arange(5) == 2, -np.inf, 0.0) * np.ones(few.shape)  # (B, H, S): slot 2 off
+dropped = qkv.sparse_attention(q, k, v, few, bias=drop)
+emptied = qkv.sparse_attention(q, k, v, np.where(np.arange(5) == 2, -1, few))
+print(f"bias log c vs listing c times: {rel_err(weighted, listed):.1e}")
+print(f"bias -inf vs an empty slot:    {rel_err(dropped, emptied):.1e}")
 
 # %%
 fig, ax = plt.subplots(figsize=(5, 2.2))

@@ -332,18 +332,129 @@ def sparse_attention(
     indices: Any,
     *,
     scale: float | None = None,
+    bias: Any = None,
     return_lse: bool = False,
 ) -> Any:
     """Attention over per-head selected keys on the GPU (``sparse_fwd.cu``); the reference's
     semantics (see :func:`qkv.reference.sparse.selected_keys.sparse_attention`).
 
     ``q (B, H, N, D)``, ``k (B, Hkv, M, D)``, ``v (B, Hkv, M, Dv)`` as CuPy arrays, float16 or
-    float32, integer ``indices (B, H, S)`` or ``(B, H, N, S)`` (``-1`` = empty slot); returns
+    float32, integer ``indices (B, H, S)`` or ``(B, H, N, S)`` (``-1`` = empty slot), optional
+    per-slot ``bias`` (read as float32); returns
     ``O (B, H, N, Dv)`` in the input dtype (and ``lse`` float32 with ``return_lse``). One warp
     per (row, slot chunk) gathers only the selected rows, the chunks merged by log-sum-exp.
     Declines (reference fallback) float64 and head dims over 256. Compiled, not yet run on a GPU.
     """
     from qkv.backends.cupy import _sparse
 
-    out, lse = _sparse.sparse_forward(q, k, v, indices, scale=scale)
+    out, lse = _sparse.sparse_forward(q, k, v, indices, scale=scale, bias=bias)
     return (out, lse) if return_lse else out
+
+
+# kv: packed quantisation, SnapKV's window scoring, attention over a mixed-precision cache (kv.cu)
+def quantize(x: Any, *, bits: int = 4, axis: str = "token", group_size: int | None = None) -> Any:
+    """Packed asymmetric quantisation on the GPU (``kv.cu``: group minimum/maximum, then packing
+    with IEEE division, so the codes are the reference's float32 codes); the reference's
+    semantics (see :func:`qkv.reference.kv.quantization.quantize`). float32 only (others
+    declined). Compiled, not yet run on a GPU."""
+    from qkv.backends.cupy import _kv
+    from qkv.reference.kv.quantization import check_quantize
+
+    group_n, group_d = check_quantize(x, bits=bits, axis=axis, group_size=group_size)
+    return _kv.quantize_forward(x, bits=bits, group_n=group_n, group_d=group_d)
+
+
+def dequantize(
+    packed: Any,
+    scale: Any,
+    zero: Any,
+    *,
+    bits: int = 4,
+    axis: str = "token",
+    dim: int | None = None,
+) -> Any:
+    """``x_hat (B, H, N, D)`` on the GPU (``kv.cu``, one thread per element); the reference's
+    semantics (see :func:`qkv.reference.kv.quantization.dequantize`). float16 and float32
+    parameters. Compiled, not yet run on a GPU."""
+    from qkv.backends.cupy import _kv
+    from qkv.reference.kv.quantization import check_dequantize
+
+    D, _, _ = check_dequantize(packed, scale, zero, bits=bits, axis=axis, dim=dim)
+    return _kv.dequantize_forward(packed, scale, zero, bits=bits, dim=D)
+
+
+def window_scores(
+    q: Any,
+    k: Any,
+    indices: Any,
+    *,
+    n_tokens: int | None = None,
+    kernel: int = 5,
+    pooling: str = "avgpool",
+    scale: float | None = None,
+) -> Any:
+    """SnapKV's pooled window votes ``(B, H, C)`` on the GPU: the column sums in ``kv.cu`` (one
+    block per query head, no ``W x C`` array), the pooling in CuPy; the reference's semantics
+    (see :func:`qkv.reference.kv.window_scoring.window_scores`). float16 and float32.
+    Compiled, not yet run on a GPU."""
+    import cupy
+
+    from qkv.backends.cupy import _kv
+    from qkv.reference.kv.window_scoring import check_window_scores
+
+    n = check_window_scores(
+        q, k, indices, n_tokens=n_tokens, kernel=kernel, pooling=pooling, scale=scale
+    )
+    _kv.kernel_name("window", _arrays.dtype_name(q))
+    B, H, W, D = q.shape
+    idx = cupy.repeat(cupy.asarray(indices, dtype=cupy.int64), H // k.shape[1], axis=1)
+    votes = _kv.window_forward(
+        q, k, idx, n_tokens=n, scale=D**-0.5 if scale is None else float(scale)
+    )
+    prefix = (idx >= 0) & (idx < n - W)  # (B, H, C)
+    return _kv.pool_votes(votes, prefix, kernel, pooling, cupy).astype(q.dtype)
+
+
+def mixed_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    k_codes: Any,
+    k_scale: Any,
+    k_zero: Any,
+    v_codes: Any,
+    v_scale: Any,
+    v_zero: Any,
+    *,
+    bits: int = 4,
+    key_axis: str = "channel",
+    value_axis: str = "token",
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> Any:
+    """Attention over packed and floating slots on the GPU (``kv.cu``: one warp per query row,
+    codes dequantised as they are read); the reference's semantics (see
+    :func:`qkv.reference.kv.mixed_precision.mixed_attention`). float16 and float32, head dims
+    up to 256. Compiled, not yet run on a GPU."""
+    from qkv.backends.cupy import _kv
+    from qkv.reference.kv.mixed_precision import check_mixed_attention
+
+    check_mixed_attention(
+        q, k, v, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+        bits=bits, key_axis=key_axis, value_axis=value_axis, scale=scale, return_lse=return_lse,
+    )  # fmt: skip
+    out, lse = _kv.mixed_forward(
+        q, k, v, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits=bits, scale=scale
+    )
+    return (out, lse) if return_lse else out
+
+
+# retrieval: LeanVec's first stage, float queries against 8-bit vectors
+def lvq_dot(queries: Any, codes: Any, scales: Any, offsets: Any) -> Any:
+    """Scores ``(Nq, N)`` of float ``queries (Nq, d)`` against 8-bit ``codes (N, d)`` with
+    ``scales, offsets (N,)``: the reference's expression run by CuPy on the GPU (a decode of the
+    codes and one batched product; see
+    :func:`qkv.reference.retrieval.leanvec_projection.lvq_dot`). Not yet run on a GPU."""
+    from qkv.reference.retrieval.leanvec_projection import lvq_dot as decoded_product
+
+    return decoded_product(queries, codes, scales, offsets)

@@ -50,21 +50,29 @@ def launch_plan(rows: int, slots: int, D: int, Dv: int) -> tuple[int, int, tuple
 
 def sparse_arguments(
     q: Any, k: Any, v: Any, idx: Any, part_o: Any, part_lse: Any, *, chunk: int, n_splits: int,
-    scale: float,
+    scale: float, bias: Any = None,
 ) -> tuple:  # fmt: skip
     """The kernel's arguments, in the order and C types of ``QKV_SPARSE_PARAMS``.
 
     ``q (B, H, N, D)``, ``k (B, Hkv, M, D)``, ``v (B, Hkv, M, Dv)`` with a contiguous last axis,
     ``idx`` int64 ``(B, H, N, S)`` (a query stride of 0 shares a head's list), ``part_o`` and
-    ``part_lse`` contiguous float32.
+    ``part_lse`` contiguous float32, optional contiguous float32 ``bias`` ``(B, H, S)``,
+    ``(B, Hkv, S)`` or ``(B, H, N, S)`` (a null pointer without one).
     """
     B, H, N, D = q.shape
     Hkv, Dv, S = k.shape[1], v.shape[3], idx.shape[3]
     strides = (*(_launch.element_strides(x)[:3] for x in (q, k, v, idx)),)
+    if bias is None:
+        b_strides, bias_group = (0, 0, 0), 1
+    else:
+        sb = _launch.element_strides(bias)
+        b_strides = (sb[0], sb[1], sb[2] if bias.ndim == 4 else 0)
+        bias_group = H // bias.shape[1]  # H / Hkv for a bias per KV head, else 1
     return (
-        q, k, v, idx, part_o, part_lse,
+        q, k, v, idx, _launch.NULL if bias is None else bias, part_o, part_lse,
         *(np.int32(n) for n in (B, H, Hkv, N, S, D, Dv, chunk, n_splits)),
         *(np.int64(s) for triple in strides for s in triple),
+        *(np.int64(s) for s in b_strides), np.int32(bias_group),
         np.float32(scale * _launch.LOG2E),
     )  # fmt: skip
 
@@ -83,9 +91,12 @@ def merge_splits(part_o: Any, part_lse: Any, xp: Any) -> tuple[Any, Any]:
     return out.astype(part_o.dtype), lse.astype(part_lse.dtype)
 
 
-def sparse_forward(q: Any, k: Any, v: Any, indices: Any, *, scale: float | None) -> tuple[Any, Any]:
+def sparse_forward(
+    q: Any, k: Any, v: Any, indices: Any, *, scale: float | None, bias: Any = None
+) -> tuple[Any, Any]:
     """Run the kernel on CuPy arrays; returns ``O (B, H, N, Dv)`` in the input dtype and
-    ``lse (B, H, N)`` float32.
+    ``lse (B, H, N)`` float32. ``bias`` (optional, ``(B, H, S)``, ``(B, Hkv, S)`` or
+    ``(B, H, N, S)``) is read as float32.
 
     Raises ``Unsupported`` (before any work) for dtypes other than float16 and float32, head
     dims over 256 and sizes beyond the grid's limits.
@@ -104,8 +115,10 @@ def sparse_forward(q: Any, k: Any, v: Any, indices: Any, *, scale: float | None)
         part_o = cupy.empty((B * H * N, n_splits, Dv), dtype=cupy.float32)
         part_lse = cupy.empty((B * H * N, n_splits), dtype=cupy.float32)
         scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        if bias is not None:
+            bias = cupy.ascontiguousarray(cupy.asarray(bias, dtype=cupy.float32))
         args = sparse_arguments(
-            q, k, v, idx, part_o, part_lse, chunk=chunk, n_splits=n_splits, scale=scale
+            q, k, v, idx, part_o, part_lse, chunk=chunk, n_splits=n_splits, scale=scale, bias=bias
         )
         kernel = _launch._kernel(device.id, "sparse_fwd.cu", (), name, 0)
         kernel(grid, (WARPS * 32, 1, 1), args)

@@ -312,16 +312,147 @@ def sparse_attention(
     indices: np.ndarray,
     *,
     scale: float | None = None,
+    bias: np.ndarray | None = None,
     return_lse: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention over per-head selected keys; same arguments and results as
     :func:`qkv.reference.sparse.selected_keys.sparse_attention`.
 
     ``q (B, H, N, D)``, ``k (B, Hkv, M, D)``, ``v (B, Hkv, M, Dv)``, ``indices (B, H, S)`` or
-    ``(B, H, N, S)`` (``-1`` = empty slot). Reads only the selected key and value rows (see
+    ``(B, H, N, S)`` (``-1`` = empty slot), optional per-slot ``bias`` ``(B, H, S)``,
+    ``(B, Hkv, S)`` or ``(B, H, N, S)``. Reads only the selected key and value rows (see
     :mod:`qkv.backends.numba._sparse`).
     """
     _native(q)
     from qkv.backends.numba import _sparse
 
-    return _sparse.sparse_attention(q, k, v, indices, scale=scale, return_lse=return_lse)
+    return _sparse.sparse_attention(q, k, v, indices, scale=scale, bias=bias, return_lse=return_lse)
+
+
+# retrieval: LeanVec's first stage, float queries against 8-bit reduced vectors
+def lvq_dot(
+    queries: np.ndarray, codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray
+) -> np.ndarray:
+    """Scores of float queries against 8-bit vectors; same arguments and result as
+    :func:`qkv.reference.retrieval.leanvec_projection.lvq_dot`.
+
+    ``queries (Nq, d)``, ``codes (N, d)`` uint8, ``scales, offsets (N,)``; the codes are widened
+    inside the dot product, never copied to floats (see :mod:`qkv.backends.numba._lvq`).
+    """
+    _native(queries)
+    from qkv.backends.numba import _lvq
+
+    return _lvq.lvq_dot(queries, codes, scales, offsets)
+
+
+# kv: packed quantisation, SnapKV's window scoring, attention over a mixed-precision cache
+def quantize(
+    x: np.ndarray, *, bits: int = 4, axis: str = "token", group_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Packed asymmetric quantisation; same arguments and results as
+    :func:`qkv.reference.kv.quantization.quantize` (equal codes: the same arithmetic).
+
+    ``x (B, H, N, D)`` gives ``packed (B, H, N, ceil(D bits / 8))`` uint8 and the scales and
+    zero points of each group (see :mod:`qkv.backends.numba._kv`).
+    """
+    _native(x)
+    from qkv.backends.numba import _kv
+    from qkv.reference.kv.quantization import check_quantize
+
+    group_n, group_d = check_quantize(x, bits=bits, axis=axis, group_size=group_size)
+    return _kv.quantize(x, bits=bits, group_n=group_n, group_d=group_d)
+
+
+def dequantize(
+    packed: np.ndarray,
+    scale: np.ndarray,
+    zero: np.ndarray,
+    *,
+    bits: int = 4,
+    axis: str = "token",
+    dim: int | None = None,
+) -> np.ndarray:
+    """Rebuild ``x_hat (B, H, N, D)``; same arguments and result as
+    :func:`qkv.reference.kv.quantization.dequantize`."""
+    _native(scale)
+    from qkv.backends.numba import _kv
+    from qkv.reference.kv.quantization import check_dequantize
+
+    D, _, _ = check_dequantize(packed, scale, zero, bits=bits, axis=axis, dim=dim)
+    return _kv.dequantize(packed, scale, zero, bits=bits, dim=D)
+
+
+def window_scores(
+    q: np.ndarray,
+    k: np.ndarray,
+    indices: np.ndarray,
+    *,
+    n_tokens: int | None = None,
+    kernel: int = 5,
+    pooling: str = "avgpool",
+    scale: float | None = None,
+) -> np.ndarray:
+    """Pooled observation-window votes ``(B, H, C)``; same arguments and result as
+    :func:`qkv.reference.kv.window_scoring.window_scores` (no ``W x C`` array is kept)."""
+    _native(q)
+    from qkv.backends.numba import _kv
+    from qkv.reference.kv.window_scoring import check_window_scores
+
+    n = check_window_scores(
+        q, k, indices, n_tokens=n_tokens, kernel=kernel, pooling=pooling, scale=scale
+    )
+    return _kv.window_scores(q, k, indices, n_tokens=n, kernel=kernel, pooling=pooling, scale=scale)
+
+
+def mixed_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    k_codes: np.ndarray,
+    k_scale: np.ndarray,
+    k_zero: np.ndarray,
+    v_codes: np.ndarray,
+    v_scale: np.ndarray,
+    v_zero: np.ndarray,
+    *,
+    bits: int = 4,
+    key_axis: str = "channel",
+    value_axis: str = "token",
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Attention over packed and floating slots, codes dequantised as they are read; same
+    arguments and results as :func:`qkv.reference.kv.mixed_precision.mixed_attention`."""
+    _native(q)
+    from qkv.backends.numba import _kv
+    from qkv.reference.kv.mixed_precision import check_mixed_attention
+
+    check_mixed_attention(
+        q, k, v, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+        bits=bits, key_axis=key_axis, value_axis=value_axis, scale=scale, return_lse=return_lse,
+    )  # fmt: skip
+    quantized = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
+    return _kv.mixed_attention(q, k, v, quantized, bits=bits, scale=scale, return_lse=return_lse)
+
+
+def graph_search_batch(
+    q: np.ndarray,
+    k: np.ndarray,
+    neighbours: np.ndarray,
+    entry: np.ndarray,
+    *,
+    start: int,
+    top_k: int = 100,
+    ef: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """RetrievalAttention's greedy graph search, one compiled search per query in parallel;
+    same arguments and results as
+    :func:`qkv.reference.retrieval.attention_index.graph_search_batch`."""
+    _native(q)
+    from qkv.backends.numba import _graph_search
+    from qkv.reference.retrieval.attention_index import check_graph_search
+
+    top_k, ef = check_graph_search(q, k, neighbours, entry, start=start, top_k=top_k, ef=ef)
+    return _graph_search.graph_search_batch(
+        q, k, neighbours, entry, start=start, top_k=top_k, ef=ef
+    )

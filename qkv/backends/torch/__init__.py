@@ -71,3 +71,19 @@ __all__ += ["relative_attention"]
 from qkv.backends.torch._sparse import sparse_attention  # noqa: E402
 
 __all__ += ["sparse_attention"]
+
+# kv: packed quantisation, SnapKV's window scoring, attention over a mixed-precision cache
+# (Triton kernels where they apply, else torch operations)
+from qkv.backends.torch._kv import (  # noqa: E402
+    dequantize,
+    mixed_attention,
+    quantize,
+    window_scores,
+)
+
+__all__ += ["dequantize", "mixed_attention", "quantize", "window_scores"]
+
+# retrieval: LeanVec's first stage, float queries against 8-bit vectors (one batched product)
+from qkv.backends.torch._lvq import lvq_dot  # noqa: E402
+
+__all__ += ["lvq_dot"]

@@ -146,7 +146,8 @@ def greedy(
     return tokens[:, tokens.shape[1] - n_new :]
 
 
-def _stack(examples: Sequence[Example]) -> tuple[Array, Array]:
+def stack_examples(examples: Sequence[Example]) -> tuple[Array, Array]:
+    """Prompts ``(B, P)`` and answers ``(B, T)`` of examples that share both lengths."""
     if not examples:
         raise ParameterError("examples: expected at least one example, got none")
     shapes = {(len(e.prompt), len(e.answer)) for e in examples}
@@ -163,7 +164,7 @@ def answer_accuracy(
 ) -> float:
     """Fraction of answer tokens the greedy decoder gets right, with ``masked`` heads zeroed."""
     masked = check_heads(weights.config, masked)
-    prompts, answers = _stack(examples)  # (B, P), (B, T)
+    prompts, answers = stack_examples(examples)  # (B, P), (B, T)
     attention = zero_heads(masked) if masked else None
     out = greedy(weights, prompts, answers.shape[1], attention=attention)  # (B, T)
     return float((out == answers).mean())
@@ -225,7 +226,7 @@ def retrieval_heads(
     if not 0.0 <= float(min_recall) < 1.0:
         raise ParameterError(f"min_recall: expected a fraction in [0, 1), got {min_recall!r}")
     spans = [needle_span(e) for e in examples]
-    prompts, answers = _stack(examples)  # (B, P), (B, T)
+    prompts, answers = stack_examples(examples)  # (B, P), (B, T)
     P, T = prompts.shape[1], answers.shape[1]
     out = greedy(weights, prompts, T, attention=None)  # (B, T)
     seq = np.concatenate([prompts, out[:, :-1]], axis=1)  # (B, P + T - 1)

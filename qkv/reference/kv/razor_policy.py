@@ -34,7 +34,8 @@ The paper weights the compensation token by $|\mathcal D|$ in the softmax (its t
 $|\mathcal D|\,e^{q\cdot\hat k}$ in numerator and denominator), so if every dropped key is the
 same the output equals full attention exactly; that is ``weighting="count"`` (the default),
 computed by :func:`compensated_attention` from the ``log_weight`` the policy stores (a slot's
-logit bias, $\log|\mathcal D|$ on the compensation slot, 0 elsewhere). ``weighting="mean"``
+logit bias, $\log|\mathcal D|$ on the compensation slot, 0 elsewhere); the lab engine passes
+it as the ``bias`` of :func:`qkv.sparse_attention` at every decode step. ``weighting="mean"``
 stores zero biases: the plain mean token that the MindSpore deploy code inserts. The
 compensation token takes the slot (and token index) of the first dropped token, between the
 sinks and the recent tokens; its key is the mean of the rotated keys and keeps that token's

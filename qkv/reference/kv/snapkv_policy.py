@@ -41,31 +41,11 @@ import numpy as np
 from qkv.errors import ParameterError, ShapeError
 from qkv.reference.kv.cache_checks import check_layout
 from qkv.reference.kv.policy import CacheView, KeptCache, KVPolicy, check_budget, gather, keep_top
+from qkv.reference.kv.window_scoring import POOLINGS, pool1d  # noqa: F401 (pool1d re-exported)
 
 Array = np.ndarray
 
-POOLINGS = ("avgpool", "maxpool")
 GQA_MODES = ("query", "mean")
-
-
-def pool1d(x: Array, kernel: int, pooling: str) -> Array:
-    """Stride-1 pooling over the last axis with ``kernel // 2`` padding (same length out).
-
-    Args:
-        x: scores ``(..., C)``; ``-inf`` entries take no part in a max and count as 0 in an
-            average, like the padding.
-        kernel: odd window length.
-        pooling: ``"avgpool"`` (zero padding, divided by ``kernel``) or ``"maxpool"``.
-
-    Returns:
-        The pooled scores ``(..., C)``.
-    """
-    pad = kernel // 2
-    fill = 0.0 if pooling == "avgpool" else -np.inf
-    base = np.where(np.isneginf(x), fill, x)
-    padded = np.pad(base, [(0, 0)] * (x.ndim - 1) + [(pad, pad)], constant_values=fill)
-    windows = np.lib.stride_tricks.sliding_window_view(padded, kernel, axis=-1)  # (..., C, k)
-    return windows.mean(-1) if pooling == "avgpool" else windows.max(-1)
 
 
 @dataclass(frozen=True)
@@ -120,21 +100,17 @@ class SnapKV(KVPolicy):
                 f"SnapKV: cache queries expected the last window={self.window} prompt queries, "
                 f"got {W}"
             )
-        group = H // Hkv
+        import qkv  # the dispatched op: the current backend's kernel scores
+
         q = cache.queries[:, :, -self.window :]  # (B, H, w, D)
-        k = np.repeat(cache.keys, group, axis=1)  # (B, H, C, D)
-        logits = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])  # (B, H, w, C)
-        at = cache.n_tokens - self.window + np.arange(self.window)  # token of each window query
-        idx = np.repeat(cache.indices, group, axis=1)  # (B, H, C)
-        seen = (idx[:, :, None, :] >= 0) & (idx[:, :, None, :] <= at[:, None])  # (B, H, w, C)
-        logits = np.where(seen, logits, -np.inf)
-        peak = logits.max(-1, keepdims=True)
-        e = np.where(seen, np.exp(logits - np.where(np.isfinite(peak), peak, 0)), 0)
-        attn = e / np.maximum(e.sum(-1, keepdims=True), np.finfo(e.dtype).tiny)  # (B, H, w, C)
-        _, prefix = self._split(cache)
-        prefix = np.repeat(prefix, group, axis=1)  # (B, H, C)
-        votes = np.where(prefix, attn.sum(axis=2), -np.inf)  # (B, H, C)
-        return np.where(prefix, pool1d(votes, self.kernel, self.pooling), -np.inf)
+        return qkv.window_scores(
+            q,
+            cache.keys,
+            np.where(cache.valid, cache.indices, -1),
+            n_tokens=cache.n_tokens,
+            kernel=self.kernel,
+            pooling=self.pooling,
+        )
 
     def score(self, layer: int, cache: CacheView) -> Array:
         """Per KV head: the group's mean (``gqa="mean"``) or max (``"query"``) pooled vote;

@@ -96,6 +96,37 @@ def channel_separable_quantize(v: Array, bits: int) -> tuple[Array, int]:
     return out * c, bits_used + PARAM_BITS * c.size
 
 
+def mixed_precision(cache: CacheView, important: Array, high_bits: int, low_bits: int) -> KeptCache:
+    """Every occupied slot quantised and dequantised: ``important (B, Hkv, C)`` slots at
+    ``high_bits``, the others at ``low_bits`` (keys channel-wise, values channel-separable
+    token-wise, each set on its own). Returns the whole cache with the dequantised keys and
+    values and the exact size of the codes and scales in ``extra["quantized_bits"]``."""
+    keys, values = cache.keys.copy(), cache.values.copy()
+    total_bits = 0
+    B, Hkv = cache.indices.shape[:2]
+    for b in range(B):
+        for h in range(Hkv):
+            occupied = cache.valid[b, h]  # (C,)
+            for chosen, bits in ((important[b, h], high_bits), (~important[b, h], low_bits)):
+                slots = np.flatnonzero(occupied & chosen)
+                if len(slots) == 0:
+                    continue
+                k = cache.keys[b, h, slots][None, None]  # (1, 1, T, D)
+                v = cache.values[b, h, slots][None, None]  # (1, 1, T, Dv)
+                k_hat, k_bits = fake_quantize(k, bits=bits, axis="channel")
+                v_hat, v_bits = channel_separable_quantize(v, bits)
+                keys[b, h, slots], values[b, h, slots] = k_hat[0, 0], v_hat[0, 0]
+                total_bits += k_bits + v_bits
+    return KeptCache(
+        indices=cache.indices.copy(),
+        keys=keys,
+        values=values,
+        positions=cache.positions.copy(),
+        next_position=cache.next_position.copy(),
+        extra={**cache.extra, "quantized_bits": total_bits},
+    )
+
+
 @dataclass(frozen=True)
 class ZipCache(KVPolicy):
     """Salient tokens at ``high_bits``, the rest at ``low_bits`` (no eviction).
@@ -147,34 +178,14 @@ class ZipCache(KVPolicy):
     def compress(self, layer: int, cache: CacheView) -> KeptCache:
         """Every occupied slot, its keys and values quantised (and dequantised) by saliency."""
         score = self.score(layer, cache)
-        keys, values = cache.keys.copy(), cache.values.copy()
+        important = np.zeros(cache.valid.shape, dtype=bool)  # (B, Hkv, C)
         B, Hkv = cache.indices.shape[:2]
-        total_bits = 0
         for b in range(B):
             for h in range(Hkv):
                 n = int(cache.lengths[b, h])
                 order = np.argsort(-score[b, h, :n], kind="stable")  # best first
-                n_low = round(self.unimportant_ratio * n)
-                for slots, bits in (
-                    (order[: n - n_low], self.high_bits),
-                    (order[n - n_low :], self.low_bits),
-                ):
-                    if len(slots) == 0:
-                        continue
-                    k = cache.keys[b, h, slots][None, None]  # (1, 1, T, D)
-                    v = cache.values[b, h, slots][None, None]  # (1, 1, T, Dv)
-                    k_hat, k_bits = fake_quantize(k, bits=bits, axis="channel")
-                    v_hat, v_bits = channel_separable_quantize(v, bits)
-                    keys[b, h, slots], values[b, h, slots] = k_hat[0, 0], v_hat[0, 0]
-                    total_bits += k_bits + v_bits
-        return KeptCache(
-            indices=cache.indices.copy(),
-            keys=keys,
-            values=values,
-            positions=cache.positions.copy(),
-            next_position=cache.next_position.copy(),
-            extra={**cache.extra, "quantized_bits": total_bits},
-        )
+                important[b, h, order[: n - round(self.unimportant_ratio * n)]] = True
+        return mixed_precision(cache, important, self.high_bits, self.low_bits)
 
 
 #: The catalog id.

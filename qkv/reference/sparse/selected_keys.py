@@ -22,6 +22,14 @@ $$
 Indices are padded with ``-1`` (an empty slot reads nothing), so heads may select different
 numbers of keys. A query with no selected key gets a zero output and ``lse = -inf``. A key
 selected twice is counted twice (selections are expected to be distinct).
+
+An optional per-slot ``bias`` $b_{h,i,t}$ is added to the scaled score of slot $t$,
+$s_{h,i,t} = \text{scale}\cdot q_{h,i}\cdot k_{g(h),j_t} + b_{h,i,t}$, in the softmax and in
+the log-sum-exp alike. A bias of $\log c$ on a slot weighs its key as if it were listed $c$
+times (RazorAttention's compensation token counts the $|\mathcal D|$ tokens it stands for
+this way), and $-\infty$ drops the slot. The bias is given per head ``(B, H, S)``, per KV head
+``(B, Hkv, S)`` (shared by the query heads of a group) or per query ``(B, H, N, S)``; it is
+ignored on empty slots.
 """
 
 from __future__ import annotations
@@ -43,13 +51,17 @@ def check_sparse_attention(
     indices: Any,
     *,
     scale: float | None = None,
+    bias: Any = None,
     return_lse: bool = False,
 ) -> _checks.AttentionDims:
     """Check the arguments of :func:`sparse_attention`; returns the attention sizes.
 
     Raises ``ShapeError`` for an ``indices`` array that is not ``(B, H, S)`` or
     ``(B, H, N, S)``, ``DTypeError`` for non-integer indices and ``ParameterError`` for indices
-    outside ``[-1, M)``, besides the checks of :func:`qkv.sdpa`'s arguments.
+    outside ``[-1, M)``, besides the checks of :func:`qkv.sdpa`'s arguments; for ``bias``,
+    ``ShapeError`` unless it is ``(B, H, S)``, ``(B, Hkv, S)`` or ``(B, H, N, S)`` with the
+    indices' ``S``, ``DTypeError`` unless it is a float array and ``ParameterError`` for NaN or
+    ``+inf`` entries.
     """
     dims = _checks.attention(q, k, v, scale=scale)
     B, H, _, N, M, _, _ = dims
@@ -70,9 +82,41 @@ def check_sparse_attention(
                 f"indices: expected key indices in [0, M={M}) or -1 for an empty slot, "
                 f"got values in [{lo}, {hi}]"
             )
+    if bias is not None:
+        check_bias(bias, dims, shape[-1])
     if not isinstance(return_lse, (bool, np.bool_)):
         raise TypeError(f"return_lse: expected a bool, got {return_lse!r}")
     return dims
+
+
+def check_bias(bias: Any, dims: _checks.AttentionDims, S: int) -> None:
+    """Check a per-slot ``bias`` for ``S`` slots (see :func:`check_sparse_attention`)."""
+    B, H, Hkv, N = dims.B, dims.H, dims.Hkv, dims.N
+    if not _arrays.is_array(bias):
+        raise TypeError(f"bias: expected a float array, got {type(bias).__name__}")
+    shape = tuple(bias.shape)
+    if shape not in {(B, H, S), (B, Hkv, S), (B, H, N, S)}:
+        raise ShapeError(
+            f"bias: expected shape (B, H, S)=({B}, {H}, {S}), (B, Hkv, S)=({B}, {Hkv}, {S}) or "
+            f"(B, H, N, S)=({B}, {H}, {N}, {S}) (S as in indices), got {shape}"
+        )
+    dtype = _arrays.dtype_name(bias)
+    if dtype not in _checks.FLOATS:
+        raise DTypeError(f"bias: expected a float dtype, got {dtype}")
+    if bias.size and bool((bias != bias).any() | (bias == float("inf")).any()):
+        raise ParameterError(
+            "bias: expected finite values or -inf (a dropped slot), got NaN or +inf"
+        )
+
+
+def bias_rows(bias: Array, H: int) -> Array:
+    """A checked ``bias`` as ``(B, H, 1, S)`` (one row per head) or ``(B, H, N, S)``.
+
+    ``(B, Hkv, S)`` is repeated over the ``H // Hkv`` query heads of each KV head.
+    """
+    if bias.ndim == 4:
+        return bias  # (B, H, N, S)
+    return np.repeat(bias, H // bias.shape[1], axis=1)[:, :, None]  # (B, H, 1, S)
 
 
 def sparse_attention(
@@ -82,6 +126,7 @@ def sparse_attention(
     indices: Array,
     *,
     scale: float | None = None,
+    bias: Array | None = None,
     return_lse: bool = False,
 ) -> Array | tuple[Array, Array]:
     """Attention of each query head over its own selected keys.
@@ -93,13 +138,17 @@ def sparse_attention(
         indices: selected key positions in ``[0, M)``, ``-1`` for an empty slot; ``(B, H, S)``
             (every query of a head reads the same keys) or ``(B, H, N, S)`` (per query).
         scale: multiplies the scores; default ``1/sqrt(D)``.
-        return_lse: also return the log-sum-exp of the selected scores ``(B, H, N)``.
+        bias: added to the scaled score of each slot (``-inf`` drops the slot; any float
+            dtype, used in the computing dtype): ``(B, H, S)``, ``(B, Hkv, S)`` (shared by a
+            KV head's query heads) or ``(B, H, N, S)``; ``S`` as in ``indices``.
+        return_lse: also return the log-sum-exp of the selected (biased) scores ``(B, H, N)``.
 
     Returns:
         ``O (B, H, N, Dv)`` in the dtype of ``q``, and ``lse`` (float64 for float64 inputs,
-        float32 otherwise) if asked. Rows with no selected key are zero, with ``lse = -inf``.
+        float32 otherwise) if asked. Rows with no selected key (or only ``-inf``-biased ones)
+        are zero, with ``lse = -inf``.
     """
-    dims = check_sparse_attention(q, k, v, indices, scale=scale)
+    dims = check_sparse_attention(q, k, v, indices, scale=scale, bias=bias)
     B, H, Hkv, N, M, D, Dv = dims
     work = np.float64 if q.dtype == np.float64 else np.float32
     scale = float(1.0 / np.sqrt(D) if scale is None else scale)
@@ -114,6 +163,8 @@ def sparse_attention(
     k_sel = k.astype(work, copy=False)[b, h, safe]  # (B, H, N, S, D)
     v_sel = v.astype(work, copy=False)[b, h, safe]  # (B, H, N, S, Dv)
     s = scale * np.einsum("bhnd,bhnsd->bhns", q.astype(work, copy=False), k_sel)  # (B, H, N, S)
+    if bias is not None:
+        s = s + bias_rows(np.asarray(bias), H).astype(work, copy=False)  # (B, H, N, S)
     s = np.where(valid, s, -np.inf)
     row_max = s.max(axis=-1, keepdims=True, initial=-np.inf)  # (B, H, N, 1)
     p = np.exp(s - np.where(np.isneginf(row_max), 0.0, row_max))  # (B, H, N, S)

@@ -85,18 +85,20 @@ __device__ __forceinline__ float warp_sum(float x) {
 // One key of the online softmax of a warp that owns one query row: lane `lane` holds elements
 // lane + 32 c of the query `qr` (pre-scaled by scale * log2 e) and of the accumulator `acc`.
 // Scores the key row `krow` (D elements), then rescales (m, l, acc) and adds the value row
-// `vrow` (Dv elements): m is the running max of the base-2 scores, l the running sum.
+// `vrow` (Dv elements): m is the running max of the base-2 scores, l the running sum. `bias`
+// (base 2, finite) is added to the score; callers skip a key whose bias is -inf.
 template <int kPerLane, typename T>
 __device__ __forceinline__ void warp_attend_key(const float (&qr)[kPerLane], const T* krow,
                                                 const T* vrow, int D, int Dv, int lane, float& m,
-                                                float& l, float (&acc)[kPerLane]) {
+                                                float& l, float (&acc)[kPerLane],
+                                                float bias = 0.f) {
     float part = 0.f;
 #pragma unroll
     for (int c = 0; c < kPerLane; ++c) {
         const int e = lane + 32 * c;
         if (e < D) part = fmaf(qr[c], to_float(krow[e]), part);
     }
-    const float s = warp_sum(part);  // every lane holds the score (base 2)
+    const float s = warp_sum(part) + bias;  // every lane holds the score (base 2), biased
     const float m_new = fmaxf(m, s);
     const float alpha = exp2f(m - m_new);  // 0 on the first key (m = -inf)
     const float w = exp2f(s - m_new);

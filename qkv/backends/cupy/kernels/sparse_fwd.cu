@@ -12,6 +12,9 @@
 // chunk and writes its normalised partial output and natural-log partial lse (-inf and zeros
 // for a chunk with no selected key). The host merges the splits by their lse
 // (qkv.backends.cupy._sparse.merge_splits). A key selected twice is counted twice.
+// Optional per-slot bias (null pointer: none): float32, read at b * b_sb + (h / bias_group) *
+// b_sh + i * b_sn + t (bias_group = H / Hkv for a bias per KV head, b_sn = 0 for one per head),
+// added to the slot's score (times log2 e); a slot biased by -inf is skipped like an empty one.
 //
 // Layouts: q (B, H, N, D), k (B, Hkv, M, D), v (B, Hkv, M, Dv) with element strides for batch,
 // head and token and a contiguous last axis; idx int64 (B, H, N, S) with element strides for
@@ -35,6 +38,7 @@ constexpr int kWarps = 4;                    // (row, split) pairs per block
 constexpr int kMaxDim = 256;                 // head dims up to 256
 constexpr int kPerLane = kMaxDim / 32;       // elements of a row held by one lane
 constexpr float kLn2 = 0.6931471805599453f;  // log(2)
+constexpr float kLog2e = 1.4426950408889634f;  // log2(e)
 
 template <typename T>
 struct Problem {
@@ -42,6 +46,7 @@ struct Problem {
     const T* k;
     const T* v;
     const long long* idx;
+    const float* bias;  // null: no bias
     float* part_o;
     float* part_lse;
     int B, H, Hkv, N, S, D, Dv, chunk, n_splits;
@@ -49,6 +54,8 @@ struct Problem {
     long long k_sb, k_sh, k_sm;
     long long v_sb, v_sh, v_sm;
     long long i_sb, i_sh, i_sn;
+    long long b_sb, b_sh, b_sn;
+    int bias_group;
     float scale_log2;  // scale * log2(e)
 };
 
@@ -67,6 +74,8 @@ __device__ __forceinline__ void sparse_fwd(const Problem<T>& p) {
     const T* kp = p.k + b * p.k_sb + hk * p.k_sh;
     const T* vp = p.v + b * p.v_sb + hk * p.v_sh;
     const long long* ip = p.idx + b * p.i_sb + h * p.i_sh + i * p.i_sn;
+    const float* bp =
+        p.bias ? p.bias + b * p.b_sb + (h / p.bias_group) * p.b_sh + i * p.b_sn : nullptr;
 
     float qr[kPerLane], acc[kPerLane];
 #pragma unroll
@@ -81,7 +90,9 @@ __device__ __forceinline__ void sparse_fwd(const Problem<T>& p) {
     for (int t = first; t < stop; ++t) {
         const long long j = ip[t];  // the same slot for every lane: one broadcast load
         if (j < 0) continue;        // an empty slot reads nothing
-        warp_attend_key(qr, kp + j * p.k_sm, vp + j * p.v_sm, p.D, p.Dv, lane, m, l, acc);
+        const float bias = bp ? bp[t] * kLog2e : 0.f;
+        if (bias == neg_inf()) continue;  // a dropped slot
+        warp_attend_key(qr, kp + j * p.k_sm, vp + j * p.v_sm, p.D, p.Dv, lane, m, l, acc, bias);
     }
     const float inv = l > 0.f ? 1.f / l : 0.f;  // an empty chunk stores zeros
 #pragma unroll
@@ -97,16 +108,17 @@ __device__ __forceinline__ void sparse_fwd(const Problem<T>& p) {
 // ------------------------------------------------------------------ entry points
 
 #define QKV_SPARSE_PARAMS(T)                                                                    \
-    const T *q, const T *k, const T *v, const long long *idx, float *part_o, float *part_lse,    \
-        int B, int H, int Hkv, int N, int S, int D, int Dv, int chunk, int n_splits,             \
-        long long q_sb, long long q_sh, long long q_sn, long long k_sb, long long k_sh,          \
-        long long k_sm, long long v_sb, long long v_sh, long long v_sm, long long i_sb,          \
-        long long i_sh, long long i_sn, float scale_log2
+    const T *q, const T *k, const T *v, const long long *idx, const float *bias, float *part_o, \
+        float *part_lse, int B, int H, int Hkv, int N, int S, int D, int Dv, int chunk,          \
+        int n_splits, long long q_sb, long long q_sh, long long q_sn, long long k_sb,            \
+        long long k_sh, long long k_sm, long long v_sb, long long v_sh, long long v_sm,          \
+        long long i_sb, long long i_sh, long long i_sn, long long b_sb, long long b_sh,          \
+        long long b_sn, int bias_group, float scale_log2
 
 #define QKV_SPARSE_PROBLEM                                                                      \
-    {q,    k,    v,    idx,  part_o, part_lse, B,    H,    Hkv,  N,    S,    D,         Dv,       \
+    {q,    k,    v,    idx,  bias, part_o, part_lse, B,    H,    Hkv,  N,    S,    D,    Dv,      \
      chunk, n_splits, q_sb, q_sh, q_sn, k_sb, k_sh, k_sm, v_sb, v_sh, v_sm, i_sb, i_sh, i_sn,    \
-     scale_log2}
+     b_sb, b_sh, b_sn, bias_group, scale_log2}
 
 extern "C" __global__ void __launch_bounds__(qkv_sparse::kWarps * 32)
     qkv_sparse_fwd_f16(QKV_SPARSE_PARAMS(unsigned short)) {

@@ -11,7 +11,8 @@ m' = \max(m, \max_t s_t),\quad \ell' = 2^{m - m'}\ell + \sum_t 2^{s_t - m'},\qua
 a' = 2^{m - m'} a + \sum_t 2^{s_t - m'} v_{j_t},
 $$
 
-with $s_t = \log_2 e\cdot\text{scale}\cdot q\cdot k_{j_t}$. Each program stores its normalised
+with $s_t = \log_2 e\,(\text{scale}\cdot q\cdot k_{j_t} + b_t)$, $b_t$ the slot's optional
+bias ($-\infty$ drops the slot; none when ``HAS_BIAS`` is off). Each program stores its normalised
 partial output $a/\ell$ and partial log-sum-exp (natural log; $-\infty$ for a split with no
 selected key); :func:`sparse_forward` merges the splits by their log-sum-exps (flash-decoding),
 the same rule as :func:`qkv.reference.sparse.selected_keys.merge_partials`. Splitting the slots
@@ -51,6 +52,7 @@ def _sparse_forward_kernel(
     k_ptr,
     v_ptr,
     idx_ptr,
+    b_ptr,
     o_ptr,
     lse_ptr,
     sq_b,
@@ -65,6 +67,10 @@ def _sparse_forward_kernel(
     si_b,
     si_h,
     si_n,
+    sb_b,
+    sb_h,
+    sb_n,
+    bias_group,
     n_heads,
     group,
     n_queries,
@@ -77,13 +83,16 @@ def _sparse_forward_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     """One split of one row: partial ``O`` into ``o (B*H*N, n_splits, Dv)`` float32 and its
     log-sum-exp into ``lse (B*H*N, n_splits)`` float32 (both contiguous).
 
     ``q (B, H, N, D)``, ``k (B, Hkv, M, D)``, ``v (B, Hkv, M, Dv)`` with a contiguous last axis,
     ``indices`` int32/int64 ``(B, H, N, S)`` through strides (``si_n = 0`` shares a head's list
-    among its queries, last axis contiguous).
+    among its queries, last axis contiguous); with ``HAS_BIAS`` a float32 ``bias`` read at
+    ``b * sb_b + (h // bias_group) * sb_h + i * sb_n + t`` (``bias_group = H / Hkv`` for a bias
+    per KV head, ``sb_n = 0`` for one per head).
     """
     pid = tl.program_id(0)
     split = pid % n_splits
@@ -100,6 +109,7 @@ def _sparse_forward_kernel(
     k_base = k_ptr + b * sk_b + hk * sk_h
     v_base = v_ptr + b * sv_b + hk * sv_h
     i_base = idx_ptr + b * si_b + h * si_h + i * si_n
+    b_base = b_ptr + b * sb_b + (h // bias_group) * sb_h + i * sb_n
 
     m = -float("inf")
     ell = 0.0
@@ -116,6 +126,9 @@ def _sparse_forward_kernel(
             other=0.0,
         )  # (BLOCK_S, BLOCK_D): the gathered keys
         s = tl.sum(kt.to(tl.float32) * q[None, :], axis=1)  # (BLOCK_S,)
+        if HAS_BIAS:
+            bias = tl.load(b_base + t, mask=ok, other=0.0).to(tl.float32)  # (BLOCK_S,)
+            s = s + bias * 1.4426950408889634  # -inf drops the slot
         s = tl.where(ok, s, -float("inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))
         shift = tl.where(m_new == -float("inf"), 0.0, m_new)  # an all-empty tile so far
@@ -153,6 +166,7 @@ def sparse_forward(
     indices: torch.Tensor,
     *,
     scale: float | None,
+    bias: torch.Tensor | None = None,
     block_s: int = 64,
     chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,6 +179,8 @@ def sparse_forward(
         v: ``(B, Hkv, M, Dv)``, same dtype and device.
         indices: integer ``(B, H, S)`` or ``(B, H, N, S)`` on the same device; ``-1`` = empty.
         scale: multiplies the scores; default ``1/sqrt(D)``.
+        bias: optional per-slot bias added to the scaled scores, ``(B, H, S)``, ``(B, Hkv, S)``
+            or ``(B, H, N, S)`` on the same device (read as float32; ``-inf`` drops a slot).
         block_s: slots per tile (rounded up to a power of two, at least 16).
         chunk: slots per program (rounded up to a multiple of the tile); default: a row's whole
             list under the interpreter, :func:`qkv.backends._split.split_slots` on a GPU.
@@ -196,11 +212,19 @@ def sparse_forward(
     part_o = torch.empty((B * H * N, n_splits, Dv), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((B * H * N, n_splits), device=q.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if bias is None:
+        b_arg, b_strides, bias_group = q, (0, 0, 0), 1
+    else:
+        b_arg = bias.to(torch.float32).contiguous()
+        b_n = b_arg.stride(2) if b_arg.ndim == 4 else 0
+        b_strides = (b_arg.stride(0), b_arg.stride(1), b_n)
+        bias_group = H // b_arg.shape[1]  # H / Hkv for a bias per KV head, else 1
     _sparse_forward_kernel[(B * H * N * n_splits,)](
-        q, k, v, idx, part_o, part_lse,
+        q, k, v, idx, b_arg, part_o, part_lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], idx.stride(0), idx.stride(1), si_n,
+        *b_strides, bias_group,
         H, H // Hkv, N, S, D, Dv, chunk, n_splits, scale * LOG2E,
-        BLOCK_S=bs, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+        BLOCK_S=bs, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), HAS_BIAS=bias is not None,
     )  # fmt: skip
     top = part_lse.amax(dim=1, keepdim=True)  # (rows, 1)
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
