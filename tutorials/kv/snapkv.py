@@ -32,8 +32,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from qkv.lab import decoder as dec
-from qkv.lab import engine, tasks
-from qkv.lab.notebook import rel_err, show_table
+from qkv.lab import tasks
+from qkv.lab.notebook import passkey_accuracy, rel_err, show_table
 from qkv.reference.kv import CacheView, SnapKV, StreamingLLM
 
 SMALL = os.environ.get("QKV_TUTORIAL_SMALL") == "1"  # the test suite runs us at small sizes
@@ -100,12 +100,7 @@ per = 2 if SMALL else 4
 
 
 def accuracy(policy):
-    hits = []
-    for di, depth in enumerate(depths):
-        exs = [tasks.passkey(length, depth, np.random.default_rng((7, di, r))) for r in range(per)]
-        gen = engine.generate(weights, np.stack([e.prompt for e in exs]), 5, policy=policy)
-        hits.append(np.mean(np.all(gen.tokens == np.stack([e.answer for e in exs]), axis=1)))
-    return float(np.mean(hits))
+    return passkey_accuracy(weights, length, depths, per, seed=7, policy=policy)
 
 
 rows = []

@@ -36,7 +36,7 @@ import numpy as np
 
 from qkv.lab import decoder as dec
 from qkv.lab import engine, tasks
-from qkv.lab.notebook import show_table
+from qkv.lab.notebook import passkey_accuracy, show_table
 from qkv.reference.sparse import TokenSelect
 from qkv.reference.sparse.decode_scores import CountReads
 
@@ -102,12 +102,7 @@ per = 2 if SMALL else 4
 
 
 def accuracy(selector):
-    hits = []
-    for di, depth in enumerate(depths):
-        exs = [tasks.passkey(length, depth, np.random.default_rng((5, di, r))) for r in range(per)]
-        g = engine.generate(weights, np.stack([e.prompt for e in exs]), 5, selector=selector)
-        hits.append(np.mean(np.all(g.tokens == np.stack([e.answer for e in exs]), axis=1)))
-    return float(np.mean(hits))
+    return passkey_accuracy(weights, length, depths, per, seed=5, selector=selector)
 
 
 full = accuracy(None)
