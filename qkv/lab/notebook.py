@@ -5,7 +5,8 @@ They print plain text, so a tutorial reads the same as a script, a notebook and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,34 @@ def rel_err(a: Any, b: Any) -> float:
     """Norm-wise relative error ``||a - b|| / ||b||``, in float64 (any array shapes, equal)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), np.finfo(float).tiny))
+
+
+def best_of(fn: Callable[..., Any], repeats: int, *args: Any, **kwargs: Any) -> float:
+    """The fastest of ``repeats`` calls ``fn(*args, **kwargs)``, in seconds (no warm-up: make
+    the first call yourself where a backend compiles on first use)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args, **kwargs)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def runnable_backends() -> tuple[list[str], list[tuple[str, str]]]:
+    """The names of the known backends that run on this machine, and ``(name, reason)`` for
+    each that does not (entering :func:`qkv.use_backend` raises at once for those)."""
+    import qkv
+
+    runnable, skipped = [], []
+    for name in qkv.known_backends():
+        try:
+            with qkv.use_backend(name):
+                pass
+        except (qkv.BackendUnavailable, qkv.UnknownBackend) as why:
+            skipped.append((name, str(why)))
+            continue
+        runnable.append(name)
+    return runnable, skipped
 
 
 def show_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> None:

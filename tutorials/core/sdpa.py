@@ -50,7 +50,7 @@ import numpy as np
 from matplotlib.colors import PowerNorm
 
 import qkv
-from qkv.lab.notebook import rel_err, show_table
+from qkv.lab.notebook import best_of, rel_err, runnable_backends, show_table
 from qkv.reference import core
 
 SMALL = os.environ.get("QKV_TUTORIAL_SMALL") == "1"  # the test suite runs us at small sizes
@@ -583,15 +583,6 @@ golden = qkv.sdpa(*(x.astype(np.float64) for x in (q, k, v)), causal=True)  # fl
 flops = 4 * B * H * N * M * D / 2  # two matmuls, 2 flops per multiply-add; causal halves it
 
 
-def best_of(fn, n):
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 Timing = namedtuple("Timing", "backend op runs first best err")
 
 
@@ -614,14 +605,9 @@ def time_op(op, name):
     return Timing(name, op.__name__, runs, first, best, rel_err(out, golden))
 
 
-timings, skipped = [], []  # a Timing per (backend, op) that ran; (name, reason) for the rest
-for name in qkv.known_backends():
-    try:
-        with qkv.use_backend(name):  # raises at once if the backend cannot run here
-            pass
-    except (qkv.BackendUnavailable, qkv.UnknownBackend) as why:
-        skipped.append((name, str(why)))
-        continue
+timings = []  # a Timing per (backend, op) that ran; (name, reason) for the rest
+runnable, skipped = runnable_backends()
+for name in runnable:
     timings += [time_op(qkv.sdpa, name), time_op(qkv.flash, name)]
 
 if torch is not None:

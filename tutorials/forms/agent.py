@@ -35,7 +35,6 @@
 # %%
 import contextlib
 import os
-import time
 import tracemalloc
 import warnings
 from functools import partial
@@ -53,7 +52,7 @@ except ImportError:  # threadpoolctl comes with qkv's cli and numba extras
 
 import qkv
 from qkv.lab import minilm
-from qkv.lab.notebook import rel_err, show_table
+from qkv.lab.notebook import best_of, rel_err, runnable_backends, show_table
 from qkv.reference import core
 from qkv.reference.forms import agent_attention
 
@@ -188,13 +187,6 @@ print("n = N: equals agents = Q:", np.allclose(full_n, agent_attention.agent(q, 
 
 
 # %%
-def best_of(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def peak_mib(fn):
@@ -330,14 +322,9 @@ H, D = 8, 64
 N = 2048 if SMALL else 8192
 x32 = rng.standard_normal((1, H, N, D)).astype(np.float32)
 golden = agent_attention.agent(*(x32.astype(np.float64),) * 3, n_agents=49)
-rows, skipped = [], []
-for name in qkv.known_backends():
-    try:
-        with qkv.use_backend(name):
-            pass
-    except (qkv.BackendUnavailable, qkv.UnknownBackend) as why:
-        skipped.append((name, str(why)))
-        continue
+rows = []
+runnable, skipped = runnable_backends()
+for name in runnable:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qkv.FallbackWarning)
 

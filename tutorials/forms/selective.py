@@ -34,7 +34,6 @@
 
 # %%
 import os
-import time
 import warnings
 
 import matplotlib.pyplot as plt
@@ -42,7 +41,7 @@ import numpy as np
 
 import qkv
 from qkv.lab import minilm
-from qkv.lab.notebook import rel_err, show_table
+from qkv.lab.notebook import best_of, rel_err, runnable_backends, show_table
 from qkv.reference import core
 from qkv.reference.forms import selective_attention
 
@@ -295,23 +294,9 @@ golden = selective_attention.selective(
 )
 
 
-def best_of(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-rows, skipped = [], []
-for name in qkv.known_backends():
-    try:
-        with qkv.use_backend(name):
-            pass
-    except (qkv.BackendUnavailable, qkv.UnknownBackend) as why:
-        skipped.append((name, str(why)))
-        continue
+rows = []
+runnable, skipped = runnable_backends()
+for name in runnable:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qkv.FallbackWarning)
 

@@ -46,7 +46,7 @@ from matplotlib.colors import PowerNorm
 
 import qkv
 from qkv.lab import minilm
-from qkv.lab.notebook import rel_err, show_table
+from qkv.lab.notebook import rel_err, runnable_backends, show_table
 
 SMALL = os.environ.get("QKV_TUTORIAL_SMALL") == "1"  # the test suite runs us at small sizes
 rng = np.random.default_rng(0)
@@ -287,14 +287,9 @@ def time_op(op, name):
     return name, op.__name__, runs, first, best, rel_err(out, golden[op.__name__])
 
 
-timings, skipped = [], []
-for name in qkv.known_backends():
-    try:
-        with qkv.use_backend(name):  # raises at once if the backend cannot run here
-            pass
-    except (qkv.BackendUnavailable, qkv.UnknownBackend) as why:
-        skipped.append((name, str(why)))
-        continue
+timings = []
+runnable, skipped = runnable_backends()
+for name in runnable:
     timings += [time_op(qkv.sigmoid, name), time_op(qkv.flash, name)]
 
 print(f"B={B} H={H} N=M={N} D={D}, causal, float32; {os.cpu_count()} CPU cores\n")

@@ -50,22 +50,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import qkv
-from qkv.lab.notebook import rel_err, show_table
+from qkv.lab.notebook import best_of, rel_err, runnable_backends, show_table
 from qkv.reference.forms import tensor_attention
 
 SMALL = os.environ.get("QKV_TUTORIAL_SMALL") == "1"  # the test suite runs us at small sizes
 rng = np.random.default_rng(0)
 np.set_printoptions(precision=4, suppress=True, linewidth=110)
-
-
-def best_of(fn, repeats, *args, **kwargs):
-    """The fastest of ``repeats`` calls ``fn(*args, **kwargs)``, in seconds."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args, **kwargs)
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 # %% [markdown]
@@ -614,14 +604,9 @@ def time_op(op, name, **kwargs):
     return Timing(name, op.__name__, runs, first, best, rel_err(out, golden))
 
 
-timings, skipped = [], []
-for name in qkv.known_backends():
-    try:
-        with qkv.use_backend(name):  # raises at once if the backend cannot run here
-            pass
-    except (qkv.BackendUnavailable, qkv.UnknownBackend) as why:
-        skipped.append((name, str(why)))
-        continue
+timings = []
+runnable, skipped = runnable_backends()
+for name in runnable:
     timings += [time_op(qkv.tensor, name), time_op(qkv.tensor_approx, name, degree=2)]
 
 flops = 2 * n * n * n * (d + d)  # scores and P V2: 2 flops per multiply-add

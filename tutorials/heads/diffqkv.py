@@ -38,7 +38,7 @@ import numpy as np
 
 import qkv
 from qkv.lab import minilm
-from qkv.lab.notebook import rel_err, show_table
+from qkv.lab.notebook import rel_err, runnable_backends, show_table
 from qkv.reference.heads.grouped_query import pool_heads
 from qkv.reference.heads.sigma_diffqkv import HeadConfig, diffqkv_cost, diffqkv_saving
 
@@ -221,16 +221,11 @@ args = [
     for shape in ((1, 16, N, 96), (1, 2, N, 32), (1, 8, N, 64), (16, 96, 32))
 ]
 golden = qkv.diffqkv(*(x.astype(np.float64) for x in args[:3]), q_down=args[3].astype(np.float64))
-timings, skipped = {}, []
+timings = {}
+runnable, skipped = runnable_backends()
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", qkv.FallbackWarning)
-    for name in qkv.known_backends():
-        try:
-            with qkv.use_backend(name):
-                pass
-        except (qkv.BackendUnavailable, qkv.UnknownBackend) as why:
-            skipped.append((name, str(why)))
-            continue
+    for name in runnable:
         err = rel_err(qkv.diffqkv(*args[:3], q_down=args[3], backend=name), golden)  # warm-up
         best = np.inf
         for _ in range(3):

@@ -37,7 +37,6 @@
 # %%
 import contextlib
 import os
-import time
 import warnings
 
 import matplotlib.pyplot as plt
@@ -53,7 +52,7 @@ except ImportError:  # threadpoolctl comes with qkv's cli and numba extras
 
 import qkv
 from qkv.lab import minilm
-from qkv.lab.notebook import rel_err, show_table
+from qkv.lab.notebook import best_of, rel_err, runnable_backends, show_table
 from qkv.reference.heads import grouped_query as gq
 
 SMALL = os.environ.get("QKV_TUTORIAL_SMALL") == "1"  # the test suite runs us at small sizes
@@ -329,29 +328,15 @@ v32 = rng.standard_normal((1, 4, N, 64)).astype(np.float32)
 golden = gq.kdgqa(*(x.astype(np.float64) for x in (q32, k32, v32)))
 
 
-def best_of(fn, repeats=3):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-timings, skipped = {}, []  # backend -> (gqa seconds, kdgqa seconds, kdgqa error)
+timings = {}  # backend -> (gqa seconds, kdgqa seconds, kdgqa error)
+runnable, skipped = runnable_backends()
 with threadpool_limits(1), warnings.catch_warnings():
     warnings.simplefilter("ignore", qkv.FallbackWarning)
-    for name in qkv.known_backends():
-        try:
-            with qkv.use_backend(name):
-                pass
-        except (qkv.BackendUnavailable, qkv.UnknownBackend) as why:
-            skipped.append((name, str(why)))
-            continue
+    for name in runnable:
         err = rel_err(qkv.kdgqa(q32, k32, v32, backend=name), golden)  # also the warm-up
         qkv.gqa(q32, k32, v32, backend=name)
-        t_gqa = best_of(lambda name=name: qkv.gqa(q32, k32, v32, backend=name))
-        t_kd = best_of(lambda name=name: qkv.kdgqa(q32, k32, v32, backend=name))
+        t_gqa = best_of(lambda name=name: qkv.gqa(q32, k32, v32, backend=name), 3)
+        t_kd = best_of(lambda name=name: qkv.kdgqa(q32, k32, v32, backend=name), 3)
         timings[name] = (t_gqa, t_kd, err)
 print(f"B=1 H=12 G=4 N={N} d=64, float32, one BLAS thread\n")
 base = timings["reference"][0]

@@ -45,7 +45,7 @@ import numpy as np
 
 import qkv
 from qkv.lab import encoder, minilm
-from qkv.lab.notebook import rel_err, show_table
+from qkv.lab.notebook import rel_err, runnable_backends, show_table
 
 SMALL = os.environ.get("QKV_TUTORIAL_SMALL") == "1"  # the test suite runs us at small sizes
 np.set_printoptions(precision=4, suppress=True, linewidth=110)
@@ -197,14 +197,9 @@ def timed(name):
     return name, first, best, float(np.abs(last - ours[-1])[keep].max())
 
 
-timings, skipped = [], []
-for name in qkv.known_backends():
-    try:
-        with qkv.use_backend(name):  # raises at once if the backend cannot run here
-            pass
-    except (qkv.BackendUnavailable, qkv.UnknownBackend) as why:
-        skipped.append((name, str(why)))
-        continue
+timings = []
+runnable, skipped = runnable_backends()
+for name in runnable:
     timings.append(timed(name))
 reference_best = dict((t[0], t[2]) for t in timings)["reference"]
 show_table(

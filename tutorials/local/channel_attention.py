@@ -30,14 +30,13 @@
 
 # %%
 import os
-import time
 import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 import qkv
-from qkv.lab.notebook import rel_err, show_table
+from qkv.lab.notebook import best_of, rel_err, runnable_backends, show_table
 from qkv.reference import core
 from qkv.reference.local.davit import (
     channel_attention,
@@ -211,28 +210,15 @@ print({name: f"{share:.0%} of the pixels moved" for name, share in moved.items()
 
 
 # %%
-def best_of(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
 
 side = 28 if SMALL else 56
 x32 = [rng.standard_normal((1, 4, side, side, 32)).astype(np.float32) for _ in range(3)]
 gold_c = channel_attention(*(a.astype(np.float64) for a in x32))
 gold_w = window_attention(*(a.astype(np.float64) for a in x32), window=7)
 flat32 = [a.reshape(1, 4, side * side, 32) for a in x32]
-rows, skipped = [], []
-for name in qkv.known_backends():
-    try:
-        with qkv.use_backend(name):
-            pass
-    except (qkv.BackendUnavailable, qkv.UnknownBackend) as why:
-        skipped.append((name, str(why)))
-        continue
+rows = []
+runnable, skipped = runnable_backends()
+for name in runnable:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qkv.FallbackWarning)
         runs = {

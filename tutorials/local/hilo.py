@@ -31,14 +31,13 @@
 
 # %%
 import os
-import time
 import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 import qkv
-from qkv.lab.notebook import rel_err, show_table
+from qkv.lab.notebook import best_of, rel_err, runnable_backends, show_table
 from qkv.reference import core
 from qkv.reference.local.davit import window_attention
 from qkv.reference.local.hilo_attention import hilo
@@ -192,27 +191,14 @@ plt.show()
 
 
 # %%
-def best_of(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
 
 side = 28 if SMALL else 56
 x32 = [rng.standard_normal((1, 4, side, side, 32)).astype(np.float32) for _ in range(3)]
 golden = hilo(*(x.astype(np.float64) for x in x32))
 flat32 = [x.reshape(1, 4, side * side, 32) for x in x32]
-rows, skipped = [], []
-for name in qkv.known_backends():
-    try:
-        with qkv.use_backend(name):
-            pass
-    except (qkv.BackendUnavailable, qkv.UnknownBackend) as why:
-        skipped.append((name, str(why)))
-        continue
+rows = []
+runnable, skipped = runnable_backends()
+for name in runnable:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qkv.FallbackWarning)
 

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 import qkv
-from qkv.lab.notebook import rel_err, show_table
+from qkv.lab.notebook import rel_err, runnable_backends, show_table
 from qkv.reference.positions.positional import PositionalAttentionWeights
 
 SMALL = os.environ.get("QKV_TUTORIAL_SMALL") == "1"  # the test suite runs us at small sizes
@@ -254,14 +254,9 @@ xs, _ = batch_of(B, 1.0, torch.Generator().manual_seed(4))
 with torch.no_grad():
     _, _, encoded, attended = model(inputs_for("positional", xs), pos)
 encoded, p_np = to_np(encoded), np.eye(N)
-rows, skipped = [], []
-for name in qkv.known_backends():
-    try:
-        with qkv.use_backend(name):
-            pass
-    except (qkv.BackendUnavailable, qkv.UnknownBackend) as why:
-        skipped.append((name, str(why)))
-        continue
+rows = []
+runnable, skipped = runnable_backends()
+for name in runnable:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qkv.FallbackWarning)
         out = qkv.positional_attention(encoded, p_np, trained, backend=name)

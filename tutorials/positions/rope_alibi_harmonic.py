@@ -38,7 +38,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import qkv
-from qkv.lab.notebook import rel_err, show_table
+from qkv.lab.notebook import rel_err, runnable_backends, show_table
 from qkv.reference import core
 from qkv.reference.positions.rope_alibi import harmonic_slopes
 
@@ -191,14 +191,9 @@ N = 128 if SMALL else 1024
 repeats = 2 if SMALL else 5
 q, k, v = (rng.standard_normal((B, H, N, D)).astype(np.float32) for _ in range(3))
 golden = qkv.rope_alibi_harmonic(*(x.astype(np.float64) for x in (q, k, v)))
-rows, skipped = [], []
-for name in qkv.known_backends():
-    try:
-        with qkv.use_backend(name):  # raises at once if the backend cannot run here
-            pass
-    except (qkv.BackendUnavailable, qkv.UnknownBackend) as why:
-        skipped.append((name, str(why)))
-        continue
+rows = []
+runnable, skipped = runnable_backends()
+for name in runnable:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", qkv.FallbackWarning)
         start = time.perf_counter()

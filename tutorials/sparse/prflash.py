@@ -40,7 +40,7 @@ import numpy as np
 import qkv
 from qkv.lab import decoder as dec
 from qkv.lab import tasks
-from qkv.lab.notebook import rel_err, show_table
+from qkv.lab.notebook import rel_err, runnable_backends, show_table
 from qkv.reference.sparse import prflash
 from qkv.reference.sparse.prflash_mask import (
     expected_tile_fraction,
@@ -184,15 +184,10 @@ def time_call(name, repeats=3):
     return best, out
 
 
-timings, skipped = [], []
+timings = []
+runnable, skipped = runnable_backends()
 _, golden = time_call("reference", 1)
-for name in qkv.known_backends():
-    try:
-        with qkv.use_backend(name):
-            pass
-    except (qkv.BackendUnavailable, qkv.UnknownBackend) as why:
-        skipped.append((name, str(why)))
-        continue
+for name in runnable:
     best, out = time_call(name)
     timings.append((name, f"{best * 1e3:.1f} ms", f"{rel_err(out, golden):.1e}"))
 show_table(["backend", "best of 3", "rel. error vs reference"], timings)
