@@ -22,6 +22,17 @@ layer), HiP, ActQKV and A²ATS (codebooks of 256 words fitted on the cache's own
 calibration queries, fitting not timed), next to the time of ``sparse_attention`` over what was
 selected and of full attention on the reference backend.
 
+Each time is taken twice. *Warm*: the fastest of repeated calls, as usual; the selected rows
+(0.7 to 6.7 MB at the group-list budgets) then stay in the 32 MB last-level cache between
+calls, while full attention's 64 MB of keys and values cannot. *Cold*: before each timed call
+a 128 MiB buffer is written (untimed), which evicts the cache, as a decode step finds it after
+the other layers have run; the fastest cold call is kept and compared with full attention
+timed the same way (``x_target_cold``). A third row per budget and list kind, backend
+``floor``, is a numba loop that only reads every selected key and value row once (with the
+same prefetching) and sums them: no kernel that gathers those rows can beat it, so where the
+floor itself is above the target, the target is out of reach on this machine by memory traffic
+alone.
+
 Backends: ``numba`` (the fused gather-and-attend kernel against numba's flash kernel),
 ``torch`` (CPU tensors: gather + softmax ops against ``torch.nn.functional``'s fused attention
 via ``qkv.sdpa``), ``reference`` (NumPy). The Triton interpreter is switched off here (it
@@ -60,18 +71,71 @@ BUDGETS = (0.01, 0.02, 0.05, 0.10)
 TARGET = 1.5
 
 
-def best_ms(fn: Callable[[], Any], *, budget_s: float, max_repeats: int = 50) -> float:
+def best_ms(
+    fn: Callable[[], Any],
+    *,
+    budget_s: float,
+    max_repeats: int = 50,
+    before: Callable[[], Any] | None = None,
+) -> float:
     """Fastest wall time of ``fn`` in ms: one warm-up call, then repeats within ``budget_s``
-    (at least 5). The minimum, not the median: on a shared machine the slow calls measure the
-    other processes."""
+    (at least 5), each after ``before()`` if given (untimed). The minimum, not the median: on a
+    shared machine the slow calls measure the other processes."""
     fn()
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < 5 or (time.perf_counter() - started < budget_s and len(times) < max_repeats):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return min(times)
+
+
+class Evictor:
+    """Writes one float per 64-byte line of a buffer larger than the last-level cache, so that
+    the next call finds its data in memory, not in the cache."""
+
+    def __init__(self, mib: int) -> None:
+        self.buffer = np.zeros(mib << 18, np.float32)  # (mib MiB,)
+
+    def __call__(self) -> None:
+        self.buffer[::16] += 1.0
+
+
+def read_rows_kernel() -> Callable[..., Any]:
+    """A numba loop reading each listed key and value row once (summed, so that the loads
+    happen), one list per thread, prefetching as the sparse kernel does: the memory floor."""
+    import numba
+
+    from qkv.backends.numba._sparse import AHEAD, _prefetch_intrinsic
+
+    prefetch = _prefetch_intrinsic()
+
+    @numba.njit(parallel=True, fastmath={"reassoc"})
+    def read_rows(k, v, lists, total):  # pragma: no cover - compiled
+        B, L, S = lists.shape
+        line = 64 // k.itemsize
+        for n in numba.prange(B * L):
+            b, ell = n // L, n % L
+            kg, vg = k[b, ell * k.shape[1] // L], v[b, ell * k.shape[1] // L]  # (M, D), (M, Dv)
+            ix = lists[b, ell]  # (S,)
+            acc = kg.dtype.type(0.0)
+            for t in range(-AHEAD, S):
+                if t + AHEAD < S:
+                    for c in range(0, kg.shape[1], line):
+                        prefetch(kg, ix[t + AHEAD], c)
+                    for c in range(0, vg.shape[1], line):
+                        prefetch(vg, ix[t + AHEAD], c)
+                if t >= 0:
+                    for d in range(kg.shape[1]):
+                        acc += kg[ix[t], d]
+                    for e in range(vg.shape[1]):
+                        acc += vg[ix[t], e]
+            total[n] = acc
+
+    return read_rows
 
 
 def selection(M: int, budget: float, rng: np.random.Generator, *, lists: int = B * H) -> np.ndarray:
@@ -89,7 +153,7 @@ def backends() -> dict[str, Callable[[Any], Any]]:
     return {"numba": np.asarray, "torch": torch.from_numpy, "reference": np.asarray}
 
 
-def run(M: int, budget_s: float, rng: np.random.Generator) -> list[dict[str, Any]]:
+def run(M: int, budget_s: float, rng: np.random.Generator, evict: Evictor) -> list[dict[str, Any]]:
     q = rng.standard_normal((B, H, 1, D)).astype(np.float32)  # (B, H, 1, D)
     k = rng.standard_normal((B, HKV, M, D)).astype(np.float32)  # (B, Hkv, M, D)
     v = rng.standard_normal((B, HKV, M, D)).astype(np.float32)  # (B, Hkv, M, D)
@@ -98,32 +162,57 @@ def run(M: int, budget_s: float, rng: np.random.Generator) -> list[dict[str, Any
     q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
     golden = {key: qkv.sparse_attention(q64, k64, v64, idx) for key, idx in picks.items()}
     full_golden = qkv.sdpa(q64, k64, v64)
+    cold_s = budget_s / 2
     rows = []
+    fulls = {}
     for name, wrap in backends().items():
         args = [wrap(x) for x in (q, k, v)]
-        full = best_ms(lambda a=args, n=name: qkv.sdpa(*a, backend=n), budget_s=budget_s)
+        call = lambda a=args, n=name: qkv.sdpa(*a, backend=n)  # noqa: E731
+        full = best_ms(call, budget_s=budget_s)
+        full_cold = best_ms(call, budget_s=cold_s, max_repeats=15, before=evict)
+        fulls[name] = (full, full_cold)
         err = float(np.abs(np.asarray(qkv.sdpa(*args, backend=name)) - full_golden).max())
         index = wrap(picks[(BUDGETS[0], "per head")])
         check = best_ms(lambda a=args, i=index: check_sparse_attention(*a, i), budget_s=budget_s)
         rows.append({"backend": name, "impl": "full sdpa", "M": M, "budget": 1.0,
-                     "selected": M, "ms": full, "max_abs_err": err, "x_target": None,
-                     "check_ms": check})  # fmt: skip
+                     "selected": M, "ms": full, "ms_cold": full_cold, "max_abs_err": err,
+                     "x_target": None, "x_target_cold": None, "check_ms": check})  # fmt: skip
         for (budget, lists), idx in picks.items():
             index = wrap(idx)
-            ms = best_ms(
-                lambda a=args, i=index, n=name: qkv.sparse_attention(*a, i, backend=n),
-                budget_s=budget_s,
-            )
+            call = lambda a=args, i=index, n=name: qkv.sparse_attention(*a, i, backend=n)  # noqa: E731
+            ms = best_ms(call, budget_s=budget_s)
+            cold = best_ms(call, budget_s=cold_s, max_repeats=15, before=evict)
             got = np.asarray(qkv.sparse_attention(*args, index, backend=name))
             impl = "sparse_attention" + ("" if lists == "per head" else " (group lists)")
             rows.append({
                 "backend": name, "impl": impl, "M": M, "budget": budget,
-                "selected": int(idx.shape[-1]), "ms": ms,
+                "selected": int(idx.shape[-1]), "ms": ms, "ms_cold": cold,
                 "max_abs_err": float(np.abs(got - golden[(budget, lists)]).max()),
-                "x_target": ms / (budget * full),
+                "x_target": ms / (budget * full), "x_target_cold": cold / (budget * full_cold),
             })  # fmt: skip
-            print(f"  {name} {lists} {budget:.0%}: {ms:.3f} ms (full {full:.3f} ms)", flush=True)
+            print(f"  {name} {lists} {budget:.0%}: {ms:.3f} ms, cold {cold:.3f} ms "
+                  f"(full {full:.3f}, cold {full_cold:.3f})", flush=True)  # fmt: skip
+    read_rows = read_rows_kernel()
+    full, full_cold = fulls["numba"]
+    for (budget, lists), idx in picks.items():
+        distinct = np.ascontiguousarray(idx[:, :: H // idx_lists(lists)])  # (B, L, S)
+        total = np.empty(distinct.shape[0] * distinct.shape[1], np.float32)
+        call = lambda i=distinct, t=total: read_rows(k, v, i, t)  # noqa: E731
+        ms = best_ms(call, budget_s=budget_s)
+        cold = best_ms(call, budget_s=cold_s, max_repeats=15, before=evict)
+        rows.append({
+            "backend": "floor", "impl": "read the selected rows" + (
+                "" if lists == "per head" else " (group lists)"),
+            "M": M, "budget": budget, "selected": int(idx.shape[-1]), "ms": ms, "ms_cold": cold,
+            "max_abs_err": 0.0, "x_target": ms / (budget * full),
+            "x_target_cold": cold / (budget * full_cold),
+        })  # fmt: skip
     return rows
+
+
+def idx_lists(lists: str) -> int:
+    """Distinct lists per batch entry: one per query head, or one per KV head."""
+    return H if lists == "per head" else HKV
 
 
 SELECTION_BUDGET = 0.05
@@ -176,29 +265,40 @@ def selection_rows(M: int, budget_s: float, rng: np.random.Generator) -> list[di
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Time against budget, warm cache (left) and evicted cache (right): each backend's
+    per-head and group-list rows, its ``budget x full`` line (dotted) and the 1.5x target
+    (dashed), and the memory floor (grey)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for color, name in zip(("C0", "C1", "C2"), backends(), strict=True):
-        full = next(r["ms"] for r in rows if r["backend"] == name and r["impl"] == "full sdpa")
-        pts = [(r["budget"], r["ms"]) for r in rows
-               if r["backend"] == name and r["impl"] == "sparse_attention"]  # fmt: skip
-        shared = [(r["budget"], r["ms"]) for r in rows
-                  if r["backend"] == name and r["impl"].endswith("(group lists)")]  # fmt: skip
-        budgets = np.array([b for b, _ in pts])
-        ax.loglog(*zip(*pts, strict=True), "o-", color=color, label=f"{name} sparse_attention")
-        ax.loglog(*zip(*shared, strict=True), "s-.", color=color, alpha=0.6,
-                  label=f"{name} group lists")  # fmt: skip
-        ax.loglog(budgets, budgets * full, ":", color=color, label=f"{name} budget x full")
-        ax.loglog(budgets, TARGET * budgets * full, "--", color=color, alpha=0.4, lw=0.8)
-    ax.set_xlabel("budget (fraction of the M keys selected)")
-    ax.set_ylabel("time per decode step (ms)")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    for ax, key, title in zip(axes, ("ms", "ms_cold"), ("warm cache", "cache evicted before each call"), strict=True):  # fmt: skip
+        for color, name in zip(("C0", "C1", "C2"), backends(), strict=True):
+            full = next(r[key] for r in rows if r["backend"] == name and r["impl"] == "full sdpa")
+            own = [(r["budget"], r[key]) for r in rows
+                   if r["backend"] == name and r["impl"] == "sparse_attention"]  # fmt: skip
+            shared = [(r["budget"], r[key]) for r in rows
+                      if r["backend"] == name and r["impl"].endswith("(group lists)")]  # fmt: skip
+            budgets = np.array([b for b, _ in own])
+            ax.loglog(*zip(*own, strict=True), "o-", color=color, label=f"{name} per-head lists")
+            ax.loglog(*zip(*shared, strict=True), "s-.", color=color, alpha=0.6,
+                      label=f"{name} group lists")  # fmt: skip
+            ax.loglog(budgets, budgets * full, ":", color=color, label=f"{name} budget x full")
+            ax.loglog(budgets, TARGET * budgets * full, "--", color=color, alpha=0.4, lw=0.8)
+        for marker, suffix in (("o", ""), ("s", " (group lists)")):
+            floor = [(r["budget"], r[key]) for r in rows
+                     if r["backend"] == "floor" and r["impl"].endswith(suffix or "rows")]  # fmt: skip
+            ax.loglog(*zip(*floor, strict=True), marker + ":", color="0.5", ms=4,
+                      label="floor: read the rows" + suffix)  # fmt: skip
+        ax.set_xlabel("budget (fraction of the M keys selected)")
+        ax.set_title(title)
+    axes[0].set_ylabel("time per decode step (ms)")
+    axes[0].legend(fontsize=6.5, ncol=2)
     M = rows[0]["M"]
-    ax.set_title(f"sparse_attention, fp32, M={M}, B={B} H={H} Hkv={HKV} D={D}, N=1")
-    ax.legend(fontsize=7)
+    fig.suptitle(f"sparse_attention, fp32, M={M}, B={B} H={H} Hkv={HKV} D={D}, N=1 "
+                 f"(dashed: the 1.5x target)")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -209,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     M = 2048 if args.quick else 65536
     budget_s = 0.05 if args.quick else 1.0
     started = time.monotonic()
-    rows = run(M, budget_s, np.random.default_rng(0))
+    evict = Evictor(8 if args.quick else 128)  # MiB: above the 32 MiB last-level cache here
+    rows = run(M, budget_s, np.random.default_rng(0), evict)
     picked = selection_rows(M, budget_s, np.random.default_rng(1))
     record = {
         "environment": environment(),
@@ -226,9 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     print("check of the public boundary alone (ms):",
           {r["backend"]: round(r["check_ms"], 4) for r in rows if "check_ms" in r})  # fmt: skip
     show_table(
-        ("backend", "impl", "budget", "keys", "ms", "x (budget*full)", "max |err|"),
+        ("backend", "impl", "budget", "keys", "ms", "x (budget*full)", "cold ms", "x cold",
+         "max |err|"),
         [(r["backend"], r["impl"], f"{r['budget']:.0%}", r["selected"], f"{r['ms']:.3f}",
-          "-" if r["x_target"] is None else f"{r['x_target']:.2f}", f"{r['max_abs_err']:.1e}")
+          "-" if r["x_target"] is None else f"{r['x_target']:.2f}", f"{r['ms_cold']:.3f}",
+          "-" if r["x_target_cold"] is None else f"{r['x_target_cold']:.2f}",
+          f"{r['max_abs_err']:.1e}")
          for r in rows],
     )  # fmt: skip
     print(f"\nselection at {SELECTION_BUDGET:.0%} (reference backend):")

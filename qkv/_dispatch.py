@@ -50,6 +50,7 @@ _context: contextvars.ContextVar[ModuleType | None] = contextvars.ContextVar(
 )
 _warned: set[tuple[str, str]] = set()
 _availability: dict[str, tuple[bool, str]] = {}
+_builtin_loaded: dict[str, ModuleType] = {}  # built-in name -> its module, once loaded
 
 
 # --------------------------------------------------------------------------- registry
@@ -68,8 +69,11 @@ def load(backend: str | ModuleType) -> ModuleType:
     """The backend module for a name, an entry-point name, a dotted path, or a module.
 
     Raises ``UnknownBackend`` (listing the known names) for anything else. Does not check that
-    the backend can run here; :func:`resolve` does.
+    the backend can run here; :func:`resolve` does. A built-in name, once loaded, is looked up
+    in a dict afterwards (a small decode call notices the microseconds of an import lookup).
     """
+    if isinstance(backend, str) and backend in _builtin_loaded:
+        return _builtin_loaded[backend]
     if isinstance(backend, ModuleType):
         module = backend
     elif not isinstance(backend, str) or not backend:
@@ -96,6 +100,8 @@ def load(backend: str | ModuleType) -> ModuleType:
             f"backend: module {module.__name__!r} is not a qkv backend; "
             f"it lacks {', '.join(missing)} (see 'Writing and checking a backend' in the docs)"
         )
+    if isinstance(backend, str) and backend in BUILTIN:
+        _builtin_loaded[backend] = module
     return module
 
 
@@ -194,7 +200,6 @@ def call(name: str, args: tuple, kwargs: dict, backend: str | ModuleType | None)
     """Run op ``name`` on the resolved backend, converting arrays in and out."""
     module = resolve(backend)
     like = next((a for a in (*args, *kwargs.values()) if _arrays.is_array(a)), None)
-    reference = importlib.import_module(BUILTIN["reference"])
     fn = implementation(module, name)
     if fn is None:
         _fallback(module, name, f"does not implement op {name!r}")
@@ -205,6 +210,7 @@ def call(name: str, args: tuple, kwargs: dict, backend: str | ModuleType | None)
             _fallback(module, name, f"does not support these inputs to op {name!r} ({why})")
         else:
             return _restore(out, module, like)
+    reference = importlib.import_module(BUILTIN["reference"])
     out = OPS[name](*_convert(args, reference.asarray), **_convert(kwargs, reference.asarray))
     return _restore(out, reference, like)
 

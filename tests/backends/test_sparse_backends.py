@@ -121,6 +121,33 @@ def test_numba_matches_loop(dtype, per_query):
 
 
 @needs_numba
+@pytest.mark.parametrize(
+    ("H", "Hkv", "N", "per_query"),
+    [(4, 4, 1, False), (4, 1, 1, False), (2, 2, 5, False), (2, 1, 3, True)],
+    ids=["one-row-direct", "group-of-4-gathered", "5-queries-gathered", "per-query-direct"],
+)
+def test_numba_direct_and_gathered_paths_over_several_tiles(H, Hkv, N, per_query):
+    """Tasks of fewer than ``GATHER_ROWS`` rows score each slot in place, larger ones gather the
+    tile's rows for BLAS; both walk lists longer than two tiles, with empty slots, and leave
+    an empty slot out even where the row it would point at holds ``inf`` values."""
+    from qkv.backends.numba import _sparse
+
+    S = 2 * _sparse.TILE + 5
+    q, k, v, idx = make_case(11, B=1, H=H, Hkv=Hkv, N=N, M=3 * S, S=S, per_query=per_query)
+    if not per_query:
+        idx = np.repeat(idx[:, :: H // Hkv], H // Hkv, axis=1)  # a KV group's heads share a list
+    idx = np.where(idx == 0, -1, idx)  # row 0 is never listed ...
+    v[:, :, 0] = np.inf  # ... so its infinite values must not reach any output
+    bias = np.random.default_rng(12).standard_normal(idx.shape)
+    for dtype in (np.float32, np.float64):
+        args = [x.astype(dtype) for x in (q, k, v)]
+        out, lse = call_checked(numba_backend, *args, idx, scale=0.3, bias=bias, return_lse=True)
+        want, want_lse = loop_attention(q, k, v, idx, scale=0.3, bias=bias)
+        assert_close(out, want, 5 * TOL[dtype])
+        assert_close(lse, want_lse, 5 * TOL[dtype], "lse")
+
+
+@needs_numba
 def test_numba_duplicates_count_twice_and_large_logits_are_stable():
     """A key listed twice weighs as if its score were ``+ log 2``; logits of 1e3 stay finite."""
     rng = np.random.default_rng(2)
@@ -408,6 +435,23 @@ def test_torch_ops_bias_matches_loop_with_gradients(layout):
             *(x.detach() for x in t), torch.from_numpy(idx), bias=torch.from_numpy(bias)
         )
     assert_close(out.numpy(), loop_attention(q, k, v, idx, bias=bias)[0], 1e-12)
+
+
+@pytest.mark.parametrize("layout", ["head", "kv-head", "query"])
+def test_torch_ops_group_lists_gathered_once_match_loop(layout):
+    """The torch ops with a KV group's heads on one list (one gather for the group, its heads
+    scored as rows of one product), every bias layout, several queries, empty slots, and an
+    infinite value row that only empty slots point at."""
+    q, k, v, idx = make_case(14, N=2, per_query=False)
+    idx = np.repeat(idx[:, ::2], 2, axis=1)  # (B, H, S): heads 2g and 2g+1 share a list
+    idx = np.where(idx == 0, -1, idx)
+    v[:, :, 0] = np.inf
+    bias = make_bias(15, layout, N=2)
+    args = [torch.from_numpy(x) for x in (q, k, v, idx)]
+    out, lse = torch_backend.sparse_attention(*args, bias=torch.from_numpy(bias), return_lse=True)
+    want, want_lse = loop_attention(q, k, v, idx, bias=bias)
+    assert_close(out.numpy(), want, 1e-12)
+    assert_close(lse.numpy(), want_lse, 1e-12, "lse")
 
 
 @needs_nvcc

@@ -166,11 +166,14 @@ for name in ("reference", "numba", "torch"):
 show_table(["backend", "256 of 4096 keys, 8 heads", "rel. error"], rows)
 
 # %% [markdown]
-# The numba kernel walks each row's slots once (online softmax: every selected key and value
+# The numba kernel walks each list's slots once (online softmax: every selected key and value
 # row is read once), runs serially below a small work threshold and on threads above it, and
-# reads each row once for all the query heads of a KV group when their lists are equal. The
-# torch backend gathers the selected rows with `index_select` and takes a masked softmax
-# (autograd-friendly; the Triton gather kernel on a GPU). At this tiny size fixed per-call costs
+# reads each row once for all the query heads of a KV group when their lists are equal. A list
+# read by one or two query rows is scored slot by slot in place; one read by four rows or more
+# (a group's heads, or several queries) has each tile of 128 slots copied into contiguous
+# buffers and both products done by BLAS, as the dense flash kernel does. The torch backend
+# gathers the selected rows with `index_select` (once per KV group when the group shares a
+# list) and takes a masked softmax (autograd-friendly; the Triton gather kernel on a GPU). At this tiny size fixed per-call costs
 # (the argument check, array conversion) are a large share of every row. Reading $S$ of $M$
 # keys costs $O(S)$ per query rather than $O(M)$; `benchmarks/sparse.py` measures it at
 # $M = 65536$ against full decode attention. The catalog's selection methods differ in how

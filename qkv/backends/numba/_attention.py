@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -514,26 +515,47 @@ BQ, BK = 256, 256
 
 
 @functools.cache
-def _blas_limiter() -> Any:
-    """threadpoolctl's handle on the loaded BLAS libraries, or None without threadpoolctl.
+def _blas_libraries() -> tuple[Any, ...]:
+    """threadpoolctl's controllers of the BLAS that Numba's ``np.dot`` calls (empty without
+    threadpoolctl).
 
     Numba's ``np.dot`` calls SciPy's BLAS; each of our threads must run it single-threaded, or
-    BLAS would start its own threads on the cores ``prange`` already uses.
+    BLAS would start its own threads on the cores ``prange`` already uses. SciPy's own library
+    is picked when it can be told apart (NumPy ships a second OpenBLAS, which the kernels never
+    call); otherwise every BLAS loaded.
     """
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
-        return None
+        return ()
     import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS that np.dot uses)
 
-    return ThreadpoolController().select(user_api="blas")
+    libs = ThreadpoolController().select(user_api="blas").lib_controllers
+    scipy_libs = tuple(lib for lib in libs if "scipy.libs" in lib.filepath.replace("\\", "/"))
+    return scipy_libs or tuple(libs)
 
 
-def _one_blas_thread() -> contextlib.AbstractContextManager:
-    """Limit BLAS to one thread inside the block (a no-op without threadpoolctl, where the
-    kernels still run, about three times slower on 2 cores as the threads oversubscribe)."""
-    limiter = _blas_limiter()
-    return contextlib.nullcontext() if limiter is None else limiter.limit(limits=1)
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """Hold BLAS to one thread inside the block, then give it back its own count.
+
+    Each BLAS library's thread count is read and set directly through threadpoolctl's
+    per-library controllers (about 1 us; its ``limit()`` context re-inspects the
+    process and costs about 11 us, which a decode step's small kernels would notice). A no-op
+    without threadpoolctl, where the kernels still run, about three times slower on 2 cores as
+    the threads oversubscribe.
+    """
+    libs = _blas_libraries()
+    before = [lib.get_num_threads() for lib in libs]
+    for lib, n in zip(libs, before, strict=True):
+        if n != 1:
+            lib.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for lib, n in zip(libs, before, strict=True):
+            if n != 1:
+                lib.set_num_threads(n)
 
 
 def _rows(x: np.ndarray) -> np.ndarray:

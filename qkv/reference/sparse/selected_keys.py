@@ -162,6 +162,7 @@ def sparse_attention(
     h = kv_head[None, :, None, None]  # (1, H, 1, 1)
     k_sel = k.astype(work, copy=False)[b, h, safe]  # (B, H, N, S, D)
     v_sel = v.astype(work, copy=False)[b, h, safe]  # (B, H, N, S, Dv)
+    v_sel = np.where(valid[..., None], v_sel, 0.0)  # an empty slot adds nothing, not 0 * v_0
     s = scale * np.einsum("bhnd,bhnsd->bhns", q.astype(work, copy=False), k_sel)  # (B, H, N, S)
     if bias is not None:
         s = s + bias_rows(np.asarray(bias), H).astype(work, copy=False)  # (B, H, N, S)
