@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qkv
-from qkv.errors import ParameterError
+from qkv.errors import ParameterError, ShapeError
 from qkv.reference.kv.policy import CacheView
 from qkv.reference.sparse import A2ATS, a2ats
 from qkv.reference.sparse.a2ats_retrieval import (
@@ -136,6 +136,11 @@ def test_selection_unions_each_group_and_keeps_sinks_and_window():
                 best = 3 + np.argsort(-cand, kind="stable")[:5]
                 own |= set(best.tolist())
             assert chosen == own | set(range(3)) | set(range(50, 57))
+    codes = sel.codes(0, view)  # (B, Hkv, C): coded once, as on insertion into the cache
+    np.testing.assert_array_equal(sel.select(0, view, codes), slots)
+    np.testing.assert_array_equal(
+        codes, books[0].assign(rotate(view.keys, -view.positions, base=BASE))
+    )
 
 
 def test_topk_fraction_counts_the_cached_tokens():
@@ -219,3 +224,5 @@ def test_bad_input():
     sel = A2ATS((identity_codebook(k[0], 8),), n_sink=1, window=2)
     with pytest.raises(ParameterError, match="layer: expected one of the 1 calibrated layers"):
         sel.select(3, view)
+    with pytest.raises(ShapeError, match=r"codes: expected one code per cache slot"):
+        sel.select(0, view, codes=np.zeros((2, 2, 89), dtype=np.int64))

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from qkv.errors import ParameterError, ShapeError
+from qkv.reference.ranking import top_k
 
 Array = np.ndarray
 
@@ -114,7 +115,7 @@ def keep_top(cache: CacheView, scores: Array, budget: int) -> KeptCache:
     C = scores.shape[-1]
     k = min(budget, C)
     scores = np.where(cache.valid, scores, -np.inf)  # (B, Hkv, C)
-    order = np.argsort(-scores, axis=-1, kind="stable")[..., :k]  # (B, Hkv, k) best first
+    order = top_k(scores, k)  # (B, Hkv, k) best first
     chosen = np.take_along_axis(cache.valid, order, axis=-1)  # empty slots never count
     slots = np.sort(np.where(chosen, order, C), axis=-1)  # token order, empties last
     return gather(cache, np.where(slots < C, slots, -1))

@@ -42,6 +42,7 @@ from qkv.errors import ParameterError, ShapeError
 from qkv.reference.kv.cache_checks import check_layout
 from qkv.reference.kv.policy import CacheView, KeptCache, KVPolicy, check_budget, gather, keep_top
 from qkv.reference.kv.window_scoring import POOLINGS, pool1d  # noqa: F401 (pool1d re-exported)
+from qkv.reference.ranking import top_k
 
 Array = np.ndarray
 
@@ -131,7 +132,7 @@ class SnapKV(KVPolicy):
             return keep_top(cache, self.score(layer, cache), self.budget)
         votes = self.votes(layer, cache)  # (B, H, C)
         k = min(self.budget - self.window, C)
-        top = np.argsort(-votes, axis=-1, kind="stable")[..., :k]  # (B, H, k)
+        top = top_k(votes, k)  # (B, H, k)
         picked = np.zeros(votes.shape, dtype=bool)  # (B, H, C)
         np.put_along_axis(picked, top, True, axis=-1)
         picked &= np.isfinite(votes)

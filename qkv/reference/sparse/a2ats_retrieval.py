@@ -53,6 +53,7 @@ import numpy as np
 import qkv
 from qkv.errors import ParameterError, ShapeError
 from qkv.reference.kv.policy import CacheView, KVSelector, check_budget
+from qkv.reference.ranking import top_k
 from qkv.reference.sparse.decode_scores import all_slots, check_shared_tokens, slots_of
 
 Array = np.ndarray
@@ -293,10 +294,10 @@ def a2ats_slots(logits: Array, candidate: Array, keep: Array, count: int) -> Arr
     Hkv = candidate.shape[1]
     G = H // Hkv
     cand = np.repeat(candidate, G, axis=1)  # (B, H, C)
-    ranked = np.argsort(-np.where(cand, logits, -np.inf), axis=-1, kind="stable")  # (B, H, C)
     count = min(count, int(candidate.sum(axis=-1).min()))
+    best = top_k(np.where(cand, logits, -np.inf), count)  # (B, H, count)
     chosen = np.zeros((B, H, C), dtype=bool)
-    np.put_along_axis(chosen, ranked[..., :count], True, axis=-1)
+    np.put_along_axis(chosen, best, True, axis=-1)
     union = chosen.reshape(B, Hkv, G, C).any(axis=2) | keep  # (B, Hkv, C)
     return np.repeat(slots_of(union), G, axis=1)  # (B, H, S)
 
@@ -336,35 +337,51 @@ class A2ATS(KVSelector):
         """Keys each query head retrieves from ``length`` cached tokens."""
         return self.top_k if self.top_k is not None else int(self.topk * length)
 
-    def logits(self, layer: int, cache: CacheView) -> Array:
-        r"""Approximate logits $R_\delta q_h \cdot \hat c_{\text{code}(j)}$ of every slot ``(B, H, C)``.
-
-        Keys are un-rotated from their cached positions and coded with the layer's codebook;
-        the latest query, cached at its position $i$, is turned by $\delta - i$.
-        """
+    def codebook(self, layer: int) -> QueryAwareCodebook:
+        """The codebook calibrated for ``layer`` (a clear error for another layer)."""
         if not 0 <= layer < len(self.codebooks):
             raise ParameterError(
                 f"layer: expected one of the {len(self.codebooks)} calibrated layers, got {layer}"
             )
-        book = self.codebooks[layer]
-        base = cache.rope_base
-        keys = rotate(cache.keys, -cache.positions, base=base)  # (B, Hkv, C, D) pre-RoPE
-        codes = book.assign(keys)  # (B, Hkv, C)
+        return self.codebooks[layer]
+
+    def codes(self, layer: int, cache: CacheView) -> Array:
+        """Codes ``(B, Hkv, C)`` of the cached keys: un-rotated from their cached positions,
+        then coded with the layer's codebook. The paper codes each key once, when it enters
+        the cache; a caller that keeps them passes them to :meth:`select`."""
+        keys = rotate(cache.keys, -cache.positions, base=cache.rope_base)  # (B, Hkv, C, D)
+        return self.codebook(layer).assign(keys)  # (B, Hkv, C) of the pre-RoPE keys
+
+    def logits(self, layer: int, cache: CacheView, codes: Array | None = None) -> Array:
+        r"""Approximate logits $R_\delta q_h \cdot \hat c_{\text{code}(j)}$ of every slot ``(B, H, C)``.
+
+        The latest query, cached at its position $i$, is turned by $\delta - i$ and meets each
+        codeword once; every key then looks its code's logit up. ``codes`` (from
+        :meth:`codes`) are computed here when not given.
+        """
+        book = self.codebook(layer)
+        codes = self.codes(layer, cache) if codes is None else codes  # (B, Hkv, C)
+        if codes.shape != cache.keys.shape[:3]:
+            raise ShapeError(
+                f"codes: expected one code per cache slot {cache.keys.shape[:3]}, got {codes.shape}"
+            )
         G = cache.queries.shape[1] // cache.keys.shape[1]
         here = np.repeat(cache.next_position - 1, G, axis=1)  # (B, H) the query's position
         q = cache.queries[:, :, -1:]  # (B, H, 1, D) rotated at its position
-        q_delta = rotate(q, (self.relative_position - here)[..., None], base=base)[:, :, 0]
-        return approximate_logits(q_delta, codes, book.centroids)  # (B, H, C)
+        q_delta = rotate(q, (self.relative_position - here)[..., None], base=cache.rope_base)
+        return approximate_logits(q_delta[:, :, 0], codes, book.centroids)  # (B, H, C)
 
-    def select(self, layer: int, cache: CacheView) -> Array:
-        """Sorted slots ``(B, H, S)``: sinks, window and the retrieved keys of each group."""
+    def select(self, layer: int, cache: CacheView, codes: Array | None = None) -> Array:
+        """Sorted slots ``(B, H, S)``: sinks, window and the retrieved keys of each group
+        (``codes`` as in :meth:`logits`)."""
         length = check_shared_tokens(cache, who="A2ATS")
         if self.n_sink + self.window >= length:
             return all_slots(cache, cache.queries.shape[1])
         token = cache.indices  # (B, Hkv, C)
         keep = cache.valid & ((token < self.n_sink) | (token >= cache.n_tokens - self.window))
         candidate = cache.valid & ~keep
-        return a2ats_slots(self.logits(layer, cache), candidate, keep, self.count(length))
+        logits = self.logits(layer, cache, codes)
+        return a2ats_slots(logits, candidate, keep, self.count(length))
 
 
 # --------------------------------------------------------------------------- the lab decoder

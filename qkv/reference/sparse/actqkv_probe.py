@@ -157,11 +157,11 @@ def block_representatives(
     B, T, F = keys.shape
     nb = -(-T // bs)
     pad = nb * bs - T
-    k = np.pad(keys, [(0, 0), (0, pad), (0, 0)]).reshape(B, nb, bs, F)  # (B, nb, bs, F)
     imp = np.pad(importance, [(0, 0), (0, pad)], constant_values=-np.inf).reshape(B, nb, bs)
     order = np.argsort(-imp, axis=-1, kind="stable")[..., : min(r, bs)]  # (B, nb, r)
     real = np.take_along_axis(np.isfinite(imp), order, axis=-1)  # (B, nb, r) not padding
-    chosen = np.take_along_axis(k, order[..., None], axis=2)  # (B, nb, r, F)
+    token = np.minimum(np.arange(nb)[:, None] * bs + order, T - 1)  # (B, nb, r); padding: masked
+    chosen = keys[np.arange(B)[:, None, None], token]  # (B, nb, r, F) gathered, keys not padded
     total = np.sum(chosen * real[..., None], axis=2)  # (B, nb, F)
     return total / real.sum(axis=-1, keepdims=True)
 

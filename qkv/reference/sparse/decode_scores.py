@@ -29,11 +29,12 @@ Array = np.ndarray
 def head_scores(cache: CacheView) -> Array:
     """Unscaled ``q . k`` of the latest query against every slot ``(B, H, C)``, ``-inf`` if empty."""
     q = cache.queries[:, :, -1]  # (B, H, D)
-    H, Hkv = q.shape[1], cache.keys.shape[1]
-    keys = np.repeat(cache.keys, H // Hkv, axis=1)  # (B, H, C, D)
-    scores = np.einsum("bhd,bhcd->bhc", q, keys)  # (B, H, C)
-    valid = np.repeat(cache.valid, H // Hkv, axis=1)  # (B, H, C)
-    return np.where(valid, scores, -np.inf)
+    B, H, D = q.shape
+    Hkv, C = cache.keys.shape[1:3]
+    grouped = q.reshape(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D): a KV head's query heads
+    scores = np.einsum("bkgd,bkcd->bkgc", grouped, cache.keys)  # (B, Hkv, G, C)
+    scores = np.where(cache.valid[:, :, None], scores, -np.inf)  # (B, Hkv, G, C)
+    return scores.reshape(B, H, C)
 
 
 def slots_of(mask: Array) -> Array:

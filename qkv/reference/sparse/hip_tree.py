@@ -64,11 +64,11 @@ def hip_tree_search(
         mid = (start + end + 1) // 2
         child_start = np.concatenate([start, mid])  # (2m,)
         child_end = np.concatenate([mid, end])  # (2m,)
-        score = np.full(2 * m, -np.inf)
-        for c in np.flatnonzero(child_end > child_start):
-            block = keys[child_start[c] * bk : (child_start[c] + 1) * bk]  # (<= bk, D)
-            score[c] = np.max(probe @ block.T)
-            cost += block.shape[0] * probe.shape[0]
+        first = child_start[:, None] * bk + np.arange(bk)  # (2m, bk): each child's first block
+        valid = (child_end > child_start)[:, None] & (first < len(keys))  # (2m, bk)
+        dots = keys[np.where(valid, first, 0)] @ probe.T  # (2m, bk, Nq')
+        score = np.where(valid[:, :, None], dots, -np.inf).max(axis=(1, 2))  # (2m,); -inf: empty
+        cost += int(valid.sum()) * probe.shape[0]
         best = np.argsort(-score, kind="stable")[:m]  # (m,)
         start, end = child_start[best], child_end[best]
     return np.sort(start), cost

@@ -35,6 +35,7 @@ import numpy as np
 
 from qkv.errors import ParameterError
 from qkv.reference.kv.policy import CacheView, KVSelector, check_budget
+from qkv.reference.ranking import top_k as top_k_indices
 from qkv.reference.sparse.decode_scores import (
     all_slots,
     check_shared_tokens,
@@ -57,7 +58,7 @@ def tidal_topk(scores: Array, top_k: int) -> Array:
     """
     occupied = int(np.isfinite(scores).sum(axis=-1).min()) if scores.size else 0
     top_k = check_top_k(top_k, occupied)
-    best = np.argsort(-scores, axis=-1, kind="stable")[..., :top_k]  # (B, H, top_k)
+    best = top_k_indices(scores, top_k)  # (B, H, top_k)
     return np.sort(best, axis=-1)
 
 

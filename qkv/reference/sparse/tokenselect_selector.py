@@ -41,6 +41,7 @@ import numpy as np
 
 from qkv.errors import ParameterError
 from qkv.reference.kv.policy import CacheView, KVSelector, check_budget
+from qkv.reference.ranking import top_k as top_k_indices
 from qkv.reference.sparse.decode_scores import (
     all_slots,
     check_shared_tokens,
@@ -91,7 +92,7 @@ def tokenselect_slots(
     candidate = (slot >= n_init) & (slot < length - n_local)  # (C,)
     votes = soft_vote(np.where(candidate, scores, -np.inf))  # (B, C)
     votes = np.where(candidate, votes, -np.inf)
-    chosen = np.argsort(-votes, axis=-1, kind="stable")[:, :top_k]  # (B, top_k)
+    chosen = top_k_indices(votes, top_k)  # (B, top_k) best first, ties to the earlier slot
     return _with_windows(chosen, C, length, n_init, n_local)
 
 
