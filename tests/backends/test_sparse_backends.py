@@ -148,6 +148,46 @@ def test_numba_direct_and_gathered_paths_over_several_tiles(H, Hkv, N, per_query
 
 
 @needs_numba
+@pytest.mark.parametrize(("H", "Hkv"), [(1, 1), (4, 1)], ids=["direct", "gathered"])
+@pytest.mark.parametrize("empty", ["first-part", "whole-row"])
+def test_numba_splits_a_list_over_idle_threads_and_merges(H, Hkv, empty):
+    """With fewer tasks than threads (one list here) each list is cut into parts of whole
+    tiles, one per thread, and the parts are joined by their log-sum-exp; a part with no key
+    (or a row with none at all) merges to what the whole list gives."""
+    import numba
+
+    from qkv.backends.numba import _sparse
+
+    S = 3 * _sparse.TILE + 7
+    rng = np.random.default_rng(21)
+    q = 2.0 * rng.standard_normal((1, H, 1, 16))
+    k = rng.standard_normal((1, Hkv, 2 * S, 16))
+    v = rng.standard_normal((1, Hkv, 2 * S, 8))
+    idx = np.repeat(rng.integers(0, 2 * S, size=(1, 1, S)), H, axis=1)  # (1, H, S): one list
+    idx[..., : _sparse.TILE + 3] = -1  # the first part holds no key
+    if empty == "whole-row":
+        idx[:] = -1
+    bias = np.random.default_rng(22).standard_normal(idx.shape)
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one thread: no list is split")
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)  # two threads, one task: its list is cut in two parts
+        for dtype in (np.float32, np.float64):
+            args = [x.astype(dtype) for x in (q, k, v)]
+            check_sparse_attention(*args, idx, bias=bias)
+            with _outputs.poisoned():
+                out, lse = _sparse.sparse_attention(
+                    *args, idx, scale=0.3, bias=bias, return_lse=True, parallel=True
+                )
+            want, want_lse = loop_attention(q, k, v, idx, scale=0.3, bias=bias)
+            assert_close(out, want, 5 * TOL[dtype])
+            assert_close(lse, want_lse, 5 * TOL[dtype], "lse")
+    finally:
+        numba.set_num_threads(threads)
+
+
+@needs_numba
 def test_numba_duplicates_count_twice_and_large_logits_are_stable():
     """A key listed twice weighs as if its score were ``+ log 2``; logits of 1e3 stay finite."""
     rng = np.random.default_rng(2)

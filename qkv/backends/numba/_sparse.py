@@ -31,9 +31,12 @@ The rows of the slot :data:`AHEAD` places further on are requested with a prefet
 that several gathers from memory are in flight at once. Nothing of size ``M`` is touched.
 Small calls (below :data:`PARALLEL_WORK` multiply-adds) run serially, with no thread dispatch;
 larger ones spread the tasks over threads (``prange``), with BLAS held to one thread inside
-them. A row whose slots are all empty (or all ``-inf``-biased) gives zeros and
-``lse = -inf``; an empty slot contributes nothing, whatever its value row holds; an index
-present twice is counted twice, as in the reference. Computes in the input dtype (float32 or
+them. When there are fewer tasks than threads (one KV head shared by all query heads, a single
+sequence) each list is cut into parts of whole tiles, one a thread, and the parts $p$ are
+joined by their log-sum-exp: $m = \max_p m_p$, $\ell = \sum_p e^{m_p - m} \ell_p$,
+$o = \sum_p e^{m_p - m} A_p / \ell$. A row whose slots are all empty (or all
+``-inf``-biased) gives zeros and ``lse = -inf``; an empty slot contributes nothing, whatever
+its value row holds; an index present twice is counted twice, as in the reference. Computes in the input dtype (float32 or
 float64); sums may be reassociated (vectorised), never assumed free of infinities.
 """
 
@@ -44,7 +47,7 @@ import math
 
 import numpy as np
 
-from qkv.backends.numba._attention import _one_blas_thread, fast_exp, row_max
+from qkv.backends.numba._attention import _one_blas_thread, fast_exp, num_threads, row_max
 from qkv.errors import Unsupported
 
 #: How many slots ahead the rows of a key and its value are requested (prefetched).
@@ -120,14 +123,14 @@ def _compile() -> dict[str, object]:
         return True
 
     @numba.njit(fastmath=FASTMATH, cache=True, inline="always")
-    def gathered_tile(qs, kg, vg, ix, t0, s, kt, vt):  # pragma: no cover - compiled
-        """Copy the tile's rows (zeros for an empty slot), then ``s = qs K^T`` by BLAS; the
-        values wait in ``vt`` for ``P V``. The first tile starts its prefetches ``AHEAD``
-        slots early."""
-        S, nt, D, Dv = ix.shape[0], s.shape[1], kg.shape[1], vg.shape[1]
+    def gathered_tile(qs, kg, vg, ix, t0, end, first, s, kt, vt):  # pragma: no cover
+        """Copy the rows of slots ``t0 ... t0 + nt - 1`` (zeros for an empty slot), then
+        ``s = qs K^T`` by BLAS; the values wait in ``vt`` for ``P V``. The ``first`` tile starts
+        its prefetches ``AHEAD`` slots early; none reaches ``end``."""
+        nt, D, Dv = s.shape[1], kg.shape[1], vg.shape[1]
         line = 64 // kg.itemsize  # elements per 64-byte cache line
-        for t in range(-AHEAD if t0 == 0 else 0, nt):
-            if t0 + t + AHEAD < S and ix[t0 + t + AHEAD] >= 0:  # ask for a later slot's rows
+        for t in range(-AHEAD if first else 0, nt):
+            if t0 + t + AHEAD < end and ix[t0 + t + AHEAD] >= 0:  # ask for a later slot's rows
                 for c in range(0, D, line):
                     prefetch(kg, ix[t0 + t + AHEAD], c)
                 for c in range(0, Dv, line):
@@ -211,8 +214,76 @@ def _compile() -> dict[str, object]:
             lse[b, h, i] = m[r] + np.log(ell[r]) if ell[r] > 0 else -np.inf
 
     @numba.njit(fastmath=FASTMATH, cache=True)
+    def settle(
+        acc, m, ell, b, h0, i0, ni, split, out, lse, parts, m_parts, l_parts
+    ):  # pragma: no cover
+        """A task's rows: finished into ``out``/``lse`` when its list was walked whole
+        (``split < 0``), else kept unnormalised as part ``split`` for :func:`merge`."""
+        if split < 0:
+            finish(acc, m, ell, b, h0, i0, ni, out, lse)
+            return
+        for r in range(acc.shape[0]):
+            h, i = h0 + r // ni, i0 + r % ni
+            m_parts[split, b, h, i] = m[r]
+            l_parts[split, b, h, i] = ell[r]
+            for e in range(acc.shape[1]):
+                parts[split, b, h, i, e] = acc[r, e]
+
+    @numba.njit(fastmath=FASTMATH, cache=True, parallel=True)
+    def merge(parts, m_parts, l_parts, out, lse):  # pragma: no cover - compiled
+        r"""Join the parts $p$ of each row: $m = \max_p m_p$, $w_p = e^{m_p - m}$,
+        $\ell = \sum_p w_p \ell_p$, $o = \sum_p w_p A_p / \ell$, $\mathrm{lse} = m + \log \ell$."""
+        P, B, H, N, Dv = parts.shape
+        for row in numba.prange(B * H * N):
+            b, h, i = row // (H * N), row // N % H, row % N
+            top = -np.inf
+            for p in range(P):
+                top = max(top, m_parts[p, b, h, i])
+            ell = 0.0
+            for e in range(Dv):
+                out[b, h, i, e] = 0.0
+            if top == -np.inf:  # no key in any part
+                lse[b, h, i] = -np.inf
+                continue
+            for p in range(P):
+                w = np.exp(m_parts[p, b, h, i] - top)
+                ell += w * l_parts[p, b, h, i]
+                for e in range(Dv):
+                    out[b, h, i, e] += w * parts[p, b, h, i, e]
+            for e in range(Dv):
+                out[b, h, i, e] /= ell
+            lse[b, h, i] = top + np.log(ell)
+
+    @numba.njit(fastmath=FASTMATH, cache=True)
+    def slot_range(S, split, splits):  # pragma: no cover - compiled
+        """Slots ``[begin, end)`` of part ``split`` of ``splits`` (whole tiles; the list when
+        ``split < 0``)."""
+        if split < 0:
+            return 0, S
+        chunk = (S + splits - 1) // splits
+        chunk = (chunk + TILE - 1) // TILE * TILE
+        return min(split * chunk, S), min((split + 1) * chunk, S)
+
+    @numba.njit(fastmath=FASTMATH, cache=True)
     def direct_task(
-        q, k, v, idx, bias, has_bias, scale, group, heads, q_block, n, out, lse
+        q,
+        k,
+        v,
+        idx,
+        bias,
+        has_bias,
+        scale,
+        group,
+        heads,
+        q_block,
+        n,
+        split,
+        splits,
+        out,
+        lse,
+        parts,
+        m_parts,
+        l_parts,
     ):  # pragma: no cover
         """Task ``n`` slot by slot: each key's dot products, then at once the online softmax
         update (rescaling only when the maximum grows) and the value's weighted add."""
@@ -232,13 +303,14 @@ def _compile() -> dict[str, object]:
         ix = idx[b, h0, i0 if Ni > 1 else 0]  # (S,)
         kg, vg = k[b, g], v[b, g]  # (M, D), (M, Dv)
         line = 64 // kg.itemsize  # elements per 64-byte cache line
-        for t in range(-AHEAD, S):
-            if t + AHEAD < S and ix[t + AHEAD] >= 0:  # ask for a later slot's rows now
+        begin, end = slot_range(S, split, splits)
+        for t in range(begin - AHEAD, end):
+            if t + AHEAD < end and ix[t + AHEAD] >= 0:  # ask for a later slot's rows now
                 for c in range(0, D, line):
                     prefetch(kg, ix[t + AHEAD], c)
                 for c in range(0, Dv, line):
                     prefetch(vg, ix[t + AHEAD], c)
-            if t < 0:
+            if t < begin:
                 continue
             j = ix[t]
             if j < 0:
@@ -261,11 +333,28 @@ def _compile() -> dict[str, object]:
                 ell[r] += w
                 for e in range(Dv):
                     acc[r, e] += w * vj[e]
-        finish(acc, m, ell, b, h0, i0, ni, out, lse)
+        settle(acc, m, ell, b, h0, i0, ni, split, out, lse, parts, m_parts, l_parts)
 
     @numba.njit(fastmath=FASTMATH, cache=True)
     def gathered_task(
-        q, k, v, idx, bias, has_bias, scale, group, heads, q_block, n, out, lse
+        q,
+        k,
+        v,
+        idx,
+        bias,
+        has_bias,
+        scale,
+        group,
+        heads,
+        q_block,
+        n,
+        split,
+        splits,
+        out,
+        lse,
+        parts,
+        m_parts,
+        l_parts,
     ):  # pragma: no cover
         """Task ``n`` a tile at a time: the tile's rows gathered, both products by BLAS."""
         H, N, D, Dv = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
@@ -283,45 +372,113 @@ def _compile() -> dict[str, object]:
         pv = np.empty((R, Dv), dtype=dt)
         ix = idx[b, h0, i0 if Ni > 1 else 0]  # (S,)
         kg, vg = k[b, g], v[b, g]  # (M, D), (M, Dv)
-        for t0 in range(0, S, TILE):
-            nt = min(TILE, S - t0)
+        begin, end = slot_range(S, split, splits)
+        for t0 in range(begin, end, TILE):
+            nt = min(TILE, end - t0)
             s = s_buf[: R * nt].reshape(R, nt)  # (R, nt) scores of the tile
-            gathered_tile(qs, kg, vg, ix, t0, s, kt, vt)
+            gathered_tile(qs, kg, vg, ix, t0, end, t0 == begin, s, kt, vt)
             bias_tile(s, ix, t0, bias, has_bias, b, g, h0, i0, ni, H)
             softmax_step(s, m, ell, acc)
             np.dot(s, vt[:nt], pv)  # (R, Dv): P V of the tile
             for r in range(R):
                 for e in range(Dv):
                     acc[r, e] += pv[r, e]
-        finish(acc, m, ell, b, h0, i0, ni, out, lse)
+        settle(acc, m, ell, b, h0, i0, ni, split, out, lse, parts, m_parts, l_parts)
 
     @numba.njit(fastmath=FASTMATH, cache=True)
     def task(
-        q, k, v, idx, bias, has_bias, scale, group, heads, q_block, n, out, lse
+        q,
+        k,
+        v,
+        idx,
+        bias,
+        has_bias,
+        scale,
+        group,
+        heads,
+        q_block,
+        n,
+        split,
+        splits,
+        out,
+        lse,
+        parts,
+        m_parts,
+        l_parts,
     ):  # pragma: no cover
-        """Task ``n``: ``heads`` query heads x up to ``q_block`` queries sharing one list,
-        gathered when they are at least :data:`GATHER_ROWS` rows."""
+        """Task ``n`` (part ``split`` of ``splits`` of its list, or all of it if ``split < 0``):
+        ``heads`` query heads x up to ``q_block`` queries sharing one list, gathered when they
+        are at least :data:`GATHER_ROWS` rows."""
         ni = min(q_block, q.shape[2] - n % ((q.shape[2] + q_block - 1) // q_block) * q_block)
         if heads * ni >= GATHER_ROWS:
-            gathered_task(q, k, v, idx, bias, has_bias, scale, group, heads, q_block, n, out, lse)
+            gathered_task(
+                q,
+                k,
+                v,
+                idx,
+                bias,
+                has_bias,
+                scale,
+                group,
+                heads,
+                q_block,
+                n,
+                split,
+                splits,
+                out,
+                lse,
+                parts,
+                m_parts,
+                l_parts,
+            )
         else:
-            direct_task(q, k, v, idx, bias, has_bias, scale, group, heads, q_block, n, out, lse)
+            direct_task(
+                q,
+                k,
+                v,
+                idx,
+                bias,
+                has_bias,
+                scale,
+                group,
+                heads,
+                q_block,
+                n,
+                split,
+                splits,
+                out,
+                lse,
+                parts,
+                m_parts,
+                l_parts,
+            )
 
     @numba.njit(fastmath=FASTMATH, cache=True)
     def serial(
         q, k, v, idx, bias, has_bias, scale, group, heads, q_block, tasks, out, lse
     ):  # pragma: no cover
+        parts, m_parts = out[None], lse[None]  # unused: every list is walked whole
         for n in range(tasks):
-            task(q, k, v, idx, bias, has_bias, scale, group, heads, q_block, n, out, lse)
+            task(
+                q, k, v, idx, bias, has_bias, scale, group, heads, q_block, n, -1, 1, out, lse,
+                parts, m_parts, m_parts,
+            )  # fmt: skip
 
     @numba.njit(fastmath=FASTMATH, cache=True, parallel=True)
     def parallel(
-        q, k, v, idx, bias, has_bias, scale, group, heads, q_block, tasks, out, lse
-    ):  # pragma: no cover
-        for n in numba.prange(tasks):
-            task(q, k, v, idx, bias, has_bias, scale, group, heads, q_block, n, out, lse)
+        q, k, v, idx, bias, has_bias, scale, group, heads, q_block, tasks, splits, out, lse,
+        parts, m_parts, l_parts,
+    ):  # pragma: no cover  # fmt: skip
+        """Every task on the threads; with ``splits > 1`` each task's list in that many parts,
+        their unnormalised results in ``parts``, ``m_parts``, ``l_parts`` for :func:`merge`."""
+        for w in numba.prange(tasks * splits):
+            n, split = w // splits, (w % splits if splits > 1 else -1)
+            task(
+                q, k, v, idx, bias, has_bias, scale, group, heads, q_block, n, split, splits,
+                out, lse, parts, m_parts, l_parts,
+            )  # fmt: skip
 
-    return {"shared": shared_lists, "serial": serial, "parallel": parallel}
+    return {"shared": shared_lists, "serial": serial, "parallel": parallel, "merge": merge}
 
 
 def kernels() -> dict[str, object]:
@@ -378,14 +535,35 @@ def sparse_attention(
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if parallel is None:
         parallel = B * H * N * S * (D + Dv) >= PARALLEL_WORK
-    driver = run["parallel"] if parallel else run["serial"]
     rows = heads * min(q_block, N)  # query rows of a task
-    threads_call_blas = parallel and rows >= GATHER_ROWS  # else BLAS cannot oversubscribe
-    with _one_blas_thread() if threads_call_blas else contextlib.nullcontext():
-        driver(
-            np.ascontiguousarray(q),
-            np.ascontiguousarray(k, dtype=dtype),
-            np.ascontiguousarray(v, dtype=dtype),
-            idx, b_rows, has_bias, dtype.type(scale), group, heads, q_block, tasks, out, lse,
+    splits = 1
+    if parallel and tasks < (threads := num_threads()):  # idle threads: cut lists in parts
+        splits = max(1, min(-(-threads // tasks), S // TILE))  # of whole tiles, one a thread
+    arrays = (
+        np.ascontiguousarray(q),
+        np.ascontiguousarray(k, dtype=dtype),
+        np.ascontiguousarray(v, dtype=dtype),
+    )
+    threads_call_blas = rows >= GATHER_ROWS  # else BLAS cannot oversubscribe
+    if not parallel:
+        run["serial"](
+            *arrays, idx, b_rows, has_bias, dtype.type(scale), group, heads, q_block, tasks,
+            out, lse,
         )  # fmt: skip
+        return (out, lse) if return_lse else out
+    with _one_blas_thread() if threads_call_blas else contextlib.nullcontext():
+        if splits == 1:
+            run["parallel"](
+                *arrays, idx, b_rows, has_bias, dtype.type(scale), group, heads, q_block,
+                tasks, 1, out, lse, out[None], lse[None], lse[None],
+            )  # fmt: skip
+        else:
+            parts = np.empty((splits, B, H, N, Dv), dtype=dtype)  # (P, B, H, N, Dv)
+            m_parts = np.empty((splits, B, H, N), dtype=dtype)  # (P, B, H, N)
+            l_parts = np.empty((splits, B, H, N), dtype=dtype)  # (P, B, H, N)
+            run["parallel"](
+                *arrays, idx, b_rows, has_bias, dtype.type(scale), group, heads, q_block,
+                tasks, splits, out, lse, parts, m_parts, l_parts,
+            )  # fmt: skip
+            run["merge"](parts, m_parts, l_parts, out, lse)
     return (out, lse) if return_lse else out
