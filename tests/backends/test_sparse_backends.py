@@ -92,6 +92,23 @@ def assert_close(got, want, tol, name="out"):
     np.testing.assert_allclose(got[finite], want[finite], rtol=tol, atol=tol, err_msg=name)
 
 
+def assert_numba_matches_loop(q, k, v, idx, bias, *, tol=1.0, parallel=None):
+    """The numba kernel, both dtypes, poisoned outputs, against the float64 loop (``scale=0.3``,
+    ``tol`` times the dtype's tolerance)."""
+    from qkv.backends.numba import _sparse
+
+    for dtype in (np.float32, np.float64):
+        args = [x.astype(dtype) for x in (q, k, v)]
+        check_sparse_attention(*args, idx, bias=bias)
+        with _outputs.poisoned():
+            out, lse = _sparse.sparse_attention(
+                *args, idx, scale=0.3, bias=bias, return_lse=True, parallel=parallel
+            )
+        want, want_lse = loop_attention(q, k, v, idx, scale=0.3, bias=bias)
+        assert_close(out, want, tol * TOL[dtype])
+        assert_close(lse, want_lse, tol * TOL[dtype], "lse")
+
+
 def call_checked(module, q, k, v, idx, **kw):
     """A backend's ``sparse_attention`` after the public boundary's checks, poisoned outputs."""
     check_sparse_attention(q, k, v, idx, **kw)
@@ -139,12 +156,7 @@ def test_numba_direct_and_gathered_paths_over_several_tiles(H, Hkv, N, per_query
     idx = np.where(idx == 0, -1, idx)  # row 0 is never listed ...
     v[:, :, 0] = np.inf  # ... so its infinite values must not reach any output
     bias = np.random.default_rng(12).standard_normal(idx.shape)
-    for dtype in (np.float32, np.float64):
-        args = [x.astype(dtype) for x in (q, k, v)]
-        out, lse = call_checked(numba_backend, *args, idx, scale=0.3, bias=bias, return_lse=True)
-        want, want_lse = loop_attention(q, k, v, idx, scale=0.3, bias=bias)
-        assert_close(out, want, 5 * TOL[dtype])
-        assert_close(lse, want_lse, 5 * TOL[dtype], "lse")
+    assert_numba_matches_loop(q, k, v, idx, bias, tol=5.0)
 
 
 @needs_numba
@@ -173,16 +185,7 @@ def test_numba_splits_a_list_over_idle_threads_and_merges(H, Hkv, empty):
     threads = numba.get_num_threads()
     try:
         numba.set_num_threads(2)  # two threads, one task: its list is cut in two parts
-        for dtype in (np.float32, np.float64):
-            args = [x.astype(dtype) for x in (q, k, v)]
-            check_sparse_attention(*args, idx, bias=bias)
-            with _outputs.poisoned():
-                out, lse = _sparse.sparse_attention(
-                    *args, idx, scale=0.3, bias=bias, return_lse=True, parallel=True
-                )
-            want, want_lse = loop_attention(q, k, v, idx, scale=0.3, bias=bias)
-            assert_close(out, want, 5 * TOL[dtype])
-            assert_close(lse, want_lse, 5 * TOL[dtype], "lse")
+        assert_numba_matches_loop(q, k, v, idx, bias, tol=5.0, parallel=True)
     finally:
         numba.set_num_threads(threads)
 
@@ -413,22 +416,12 @@ def make_bias(seed, layout, *, B=2, H=4, Hkv=2, N=3, S=11):
 def test_numba_bias_matches_loop(layout, parallel, shared):
     """Both drivers, with a KV group's heads reading their own lists or one shared list (each key
     row then read once for the whole group)."""
-    from qkv.backends.numba import _sparse
 
     q, k, v, idx = make_case(7, per_query=False)
     if shared:
         idx = np.repeat(idx[:, ::2], 2, axis=1)  # (B, H, S): heads 2g and 2g+1 share a list
     bias = make_bias(8, layout)
-    for dtype in (np.float32, np.float64):
-        args = [x.astype(dtype) for x in (q, k, v)]
-        check_sparse_attention(*args, idx, bias=bias)
-        with _outputs.poisoned():
-            out, lse = _sparse.sparse_attention(
-                *args, idx, scale=0.3, bias=bias, return_lse=True, parallel=parallel
-            )
-        want, want_lse = loop_attention(q, k, v, idx, scale=0.3, bias=bias)
-        assert_close(out, want, TOL[dtype])
-        assert_close(lse, want_lse, TOL[dtype], "lse")
+    assert_numba_matches_loop(q, k, v, idx, bias, parallel=parallel)
 
 
 @needs_numba

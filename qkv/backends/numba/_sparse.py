@@ -214,11 +214,10 @@ def _compile() -> dict[str, object]:
             lse[b, h, i] = m[r] + np.log(ell[r]) if ell[r] > 0 else -np.inf
 
     @numba.njit(fastmath=FASTMATH, cache=True)
-    def settle(
-        acc, m, ell, b, h0, i0, ni, split, out, lse, parts, m_parts, l_parts
-    ):  # pragma: no cover
+    def settle(acc, m, ell, b, h0, i0, ni, split, dest):  # pragma: no cover - compiled
         """A task's rows: finished into ``out``/``lse`` when its list was walked whole
         (``split < 0``), else kept unnormalised as part ``split`` for :func:`merge`."""
+        out, lse, parts, m_parts, l_parts = dest
         if split < 0:
             finish(acc, m, ell, b, h0, i0, ni, out, lse)
             return
@@ -265,28 +264,11 @@ def _compile() -> dict[str, object]:
         return min(split * chunk, S), min((split + 1) * chunk, S)
 
     @numba.njit(fastmath=FASTMATH, cache=True)
-    def direct_task(
-        q,
-        k,
-        v,
-        idx,
-        bias,
-        has_bias,
-        scale,
-        group,
-        heads,
-        q_block,
-        n,
-        split,
-        splits,
-        out,
-        lse,
-        parts,
-        m_parts,
-        l_parts,
-    ):  # pragma: no cover
+    def direct_task(data, plan, n, split, splits, dest):  # pragma: no cover - compiled
         """Task ``n`` slot by slot: each key's dot products, then at once the online softmax
         update (rescaling only when the maximum grows) and the value's weighted add."""
+        q, k, v, idx, bias = data  # the inputs, the bias (a dummy without has_bias)
+        has_bias, scale, group, heads, q_block = plan
         H, N, D, Dv = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
         Ni, S = idx.shape[2], idx.shape[3]
         Hb, Nb = bias.shape[1], bias.shape[2]
@@ -333,30 +315,13 @@ def _compile() -> dict[str, object]:
                 ell[r] += w
                 for e in range(Dv):
                     acc[r, e] += w * vj[e]
-        settle(acc, m, ell, b, h0, i0, ni, split, out, lse, parts, m_parts, l_parts)
+        settle(acc, m, ell, b, h0, i0, ni, split, dest)
 
     @numba.njit(fastmath=FASTMATH, cache=True)
-    def gathered_task(
-        q,
-        k,
-        v,
-        idx,
-        bias,
-        has_bias,
-        scale,
-        group,
-        heads,
-        q_block,
-        n,
-        split,
-        splits,
-        out,
-        lse,
-        parts,
-        m_parts,
-        l_parts,
-    ):  # pragma: no cover
+    def gathered_task(data, plan, n, split, splits, dest):  # pragma: no cover - compiled
         """Task ``n`` a tile at a time: the tile's rows gathered, both products by BLAS."""
+        q, k, v, idx, bias = data  # the inputs, the bias (a dummy without has_bias)
+        has_bias, scale, group, heads, q_block = plan
         H, N, D, Dv = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
         Ni, S = idx.shape[2], idx.shape[3]
         b, h0, g, i0, ni = locate(n, H, N, group, heads, q_block)
@@ -383,102 +348,49 @@ def _compile() -> dict[str, object]:
             for r in range(R):
                 for e in range(Dv):
                     acc[r, e] += pv[r, e]
-        settle(acc, m, ell, b, h0, i0, ni, split, out, lse, parts, m_parts, l_parts)
+        settle(acc, m, ell, b, h0, i0, ni, split, dest)
 
     @numba.njit(fastmath=FASTMATH, cache=True)
-    def task(
-        q,
-        k,
-        v,
-        idx,
-        bias,
-        has_bias,
-        scale,
-        group,
-        heads,
-        q_block,
-        n,
-        split,
-        splits,
-        out,
-        lse,
-        parts,
-        m_parts,
-        l_parts,
-    ):  # pragma: no cover
+    def task(data, plan, n, split, splits, dest):  # pragma: no cover - compiled
         """Task ``n`` (part ``split`` of ``splits`` of its list, or all of it if ``split < 0``):
         ``heads`` query heads x up to ``q_block`` queries sharing one list, gathered when they
         are at least :data:`GATHER_ROWS` rows."""
+        q, heads, q_block = data[0], plan[3], plan[4]
         ni = min(q_block, q.shape[2] - n % ((q.shape[2] + q_block - 1) // q_block) * q_block)
         if heads * ni >= GATHER_ROWS:
-            gathered_task(
-                q,
-                k,
-                v,
-                idx,
-                bias,
-                has_bias,
-                scale,
-                group,
-                heads,
-                q_block,
-                n,
-                split,
-                splits,
-                out,
-                lse,
-                parts,
-                m_parts,
-                l_parts,
-            )
+            gathered_task(data, plan, n, split, splits, dest)
         else:
-            direct_task(
-                q,
-                k,
-                v,
-                idx,
-                bias,
-                has_bias,
-                scale,
-                group,
-                heads,
-                q_block,
-                n,
-                split,
-                splits,
-                out,
-                lse,
-                parts,
-                m_parts,
-                l_parts,
-            )
+            direct_task(data, plan, n, split, splits, dest)
 
     @numba.njit(fastmath=FASTMATH, cache=True)
-    def serial(
-        q, k, v, idx, bias, has_bias, scale, group, heads, q_block, tasks, out, lse
-    ):  # pragma: no cover
-        parts, m_parts = out[None], lse[None]  # unused: every list is walked whole
+    def serial(data, plan, tasks, out, lse):  # pragma: no cover - compiled
+        """Every task in turn, each list walked whole."""
+        dest = (out, lse, out[None], lse[None], lse[None])  # no parts are kept
         for n in range(tasks):
-            task(
-                q, k, v, idx, bias, has_bias, scale, group, heads, q_block, n, -1, 1, out, lse,
-                parts, m_parts, m_parts,
-            )  # fmt: skip
+            task(data, plan, n, -1, 1, dest)
 
     @numba.njit(fastmath=FASTMATH, cache=True, parallel=True)
-    def parallel(
-        q, k, v, idx, bias, has_bias, scale, group, heads, q_block, tasks, splits, out, lse,
-        parts, m_parts, l_parts,
-    ):  # pragma: no cover  # fmt: skip
+    def parallel_whole(data, plan, tasks, out, lse):  # pragma: no cover - compiled
+        """Every task on the threads, each list walked whole."""
+        dest = (out, lse, out[None], lse[None], lse[None])  # no parts are kept
+        for n in numba.prange(tasks):
+            task(data, plan, n, -1, 1, dest)
+
+    @numba.njit(fastmath=FASTMATH, cache=True, parallel=True)
+    def parallel(data, plan, tasks, splits, dest):  # pragma: no cover - compiled
         """Every task on the threads; with ``splits > 1`` each task's list in that many parts,
-        their unnormalised results in ``parts``, ``m_parts``, ``l_parts`` for :func:`merge`."""
+        their unnormalised results kept in ``dest``'s parts for :func:`merge`."""
         for w in numba.prange(tasks * splits):
             n, split = w // splits, (w % splits if splits > 1 else -1)
-            task(
-                q, k, v, idx, bias, has_bias, scale, group, heads, q_block, n, split, splits,
-                out, lse, parts, m_parts, l_parts,
-            )  # fmt: skip
+            task(data, plan, n, split, splits, dest)
 
-    return {"shared": shared_lists, "serial": serial, "parallel": parallel, "merge": merge}
+    return {
+        "shared": shared_lists,
+        "serial": serial,
+        "parallel": parallel,
+        "parallel_whole": parallel_whole,
+        "merge": merge,
+    }
 
 
 def kernels() -> dict[str, object]:
@@ -539,31 +451,25 @@ def sparse_attention(
     splits = 1
     if parallel and tasks < (threads := num_threads()):  # idle threads: cut lists in parts
         splits = max(1, min(-(-threads // tasks), S // TILE))  # of whole tiles, one a thread
-    arrays = (
+    data = (
         np.ascontiguousarray(q),
         np.ascontiguousarray(k, dtype=dtype),
         np.ascontiguousarray(v, dtype=dtype),
+        idx,
+        b_rows,
     )
-    threads_call_blas = rows >= GATHER_ROWS  # else BLAS cannot oversubscribe
+    plan = (has_bias, dtype.type(scale), group, heads, q_block)
     if not parallel:
-        run["serial"](
-            *arrays, idx, b_rows, has_bias, dtype.type(scale), group, heads, q_block, tasks,
-            out, lse,
-        )  # fmt: skip
+        run["serial"](data, plan, tasks, out, lse)
         return (out, lse) if return_lse else out
+    threads_call_blas = rows >= GATHER_ROWS  # else BLAS cannot oversubscribe
     with _one_blas_thread() if threads_call_blas else contextlib.nullcontext():
         if splits == 1:
-            run["parallel"](
-                *arrays, idx, b_rows, has_bias, dtype.type(scale), group, heads, q_block,
-                tasks, 1, out, lse, out[None], lse[None], lse[None],
-            )  # fmt: skip
+            run["parallel_whole"](data, plan, tasks, out, lse)
         else:
             parts = np.empty((splits, B, H, N, Dv), dtype=dtype)  # (P, B, H, N, Dv)
             m_parts = np.empty((splits, B, H, N), dtype=dtype)  # (P, B, H, N)
             l_parts = np.empty((splits, B, H, N), dtype=dtype)  # (P, B, H, N)
-            run["parallel"](
-                *arrays, idx, b_rows, has_bias, dtype.type(scale), group, heads, q_block,
-                tasks, splits, out, lse, parts, m_parts, l_parts,
-            )  # fmt: skip
+            run["parallel"](data, plan, tasks, splits, (out, lse, parts, m_parts, l_parts))
             run["merge"](parts, m_parts, l_parts, out, lse)
     return (out, lse) if return_lse else out
