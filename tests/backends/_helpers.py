@@ -1,4 +1,5 @@
-"""Helpers shared by the backend tests that compile the CuPy kernels with nvcc.
+"""Helpers shared by the backend tests: compiling the CuPy kernels with nvcc, and choosing
+the device a Triton kernel test runs on.
 
 The test modules import them as ``from _helpers import ...``: this folder has no
 ``__init__.py``, so pytest's default ``prepend`` import mode puts it on ``sys.path`` before it
@@ -7,6 +8,8 @@ imports a test module from it.
 
 from __future__ import annotations
 
+import importlib
+import os
 import re
 import shutil
 import subprocess
@@ -52,3 +55,17 @@ def ptx_arg_type(arg: object) -> str:
         return "u64"  # a device pointer
     assert isinstance(arg, np.generic), f"unsized Python scalar {arg!r} in kernel arguments"
     return {"i4": "u32", "i8": "u64", "f4": "f32", "f8": "f64"}[arg.dtype.str[1:]]
+
+
+def triton_device_or_skip(device: str, kernel: str):
+    """``torch.device(device)`` for a test of the Triton kernels in
+    ``qkv.backends.torch.triton.<kernel>``, or a skip with the reason: ``cuda`` needs a GPU and
+    ``QKV_GPU=1`` (``make gpu-check``), CPU tensors need the Triton interpreter."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    if device == "cuda":
+        if os.environ.get("QKV_GPU", "") in ("", "0") or not torch.cuda.is_available():
+            pytest.skip("needs an NVIDIA GPU and QKV_GPU=1 (make gpu-check)")
+    elif not importlib.import_module(f"qkv.backends.torch.triton.{kernel}").interpreted():
+        pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
+    return torch.device(device)

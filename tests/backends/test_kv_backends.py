@@ -14,11 +14,9 @@ every backend against independent computations.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
-from _helpers import needs_nvcc, nvcc, ptx_arg_type, ptx_params
+from _helpers import needs_nvcc, nvcc, ptx_arg_type, ptx_params, triton_device_or_skip
 
 import qkv
 from qkv import _outputs
@@ -239,19 +237,6 @@ from qkv.backends import torch as torch_backend  # noqa: E402
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-def device_or_skip(device):
-    pytest.importorskip("triton")
-    if device == "cuda":
-        if os.environ.get("QKV_GPU", "") in ("", "0") or not torch.cuda.is_available():
-            pytest.skip("needs an NVIDIA GPU and QKV_GPU=1 (make gpu-check)")
-    else:
-        from qkv.backends.torch.triton import kv as kernel
-
-        if not kernel.interpreted():
-            pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
-    return torch.device(device)
-
-
 def on(device, *arrays):
     return [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays]
 
@@ -259,7 +244,7 @@ def on(device, *arrays):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("bits", "axis", "group"), CONFIGS[::2])
 def test_triton_pack_and_unpack(device, bits, axis, group):
-    device = device_or_skip(device)
+    device = triton_device_or_skip(device, "kv")
     from qkv.backends.torch.triton.kv import dequantize_forward, pack_forward
 
     x = np.random.default_rng(bits).standard_normal((2, 2, 6, 9)).astype(np.float32)
@@ -273,7 +258,7 @@ def test_triton_pack_and_unpack(device, bits, axis, group):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_window_votes_and_pooling(device):
-    device = device_or_skip(device)
+    device = triton_device_or_skip(device, "kv")
     q, k, idx = window_case(2, np.float32, C=70)  # more slots than one tile
     for pooling in ("avgpool", "maxpool"):
         got = torch_backend.window_scores(*on(device, q, k, idx), n_tokens=72, pooling=pooling)
@@ -284,7 +269,7 @@ def test_triton_window_votes_and_pooling(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("bits", "kax"), [(2, "channel"), (4, "token"), (8, "channel")])
 def test_triton_mixed_attention(device, bits, kax):
-    device = device_or_skip(device)
+    device = triton_device_or_skip(device, "kv")
     from qkv.backends.torch.triton.kv import mixed_forward
 
     args, kw = mixed_case(4, np.float32, bits=bits, kax=kax, Mq=37)  # three slot tiles

@@ -14,11 +14,9 @@ every backend against the float64 NumPy reference.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
-from _helpers import needs_nvcc, nvcc, ptx_arg_type, ptx_params
+from _helpers import needs_nvcc, nvcc, ptx_arg_type, ptx_params, triton_device_or_skip
 
 from qkv import _outputs
 from qkv.backends import cupy as cupy_backend
@@ -159,23 +157,10 @@ def test_torch_gradients_match_finite_differences():
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-def triton_device_or_skip(device):
-    pytest.importorskip("triton")
-    if device == "cuda":
-        if os.environ.get("QKV_GPU", "") in ("", "0") or not torch.cuda.is_available():
-            pytest.skip("needs an NVIDIA GPU and QKV_GPU=1 (make gpu-check)")
-    else:
-        from qkv.backends.torch.triton import relative
-
-        if not relative.interpreted():
-            pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
-    return torch.device(device)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_triton_kernel_matches_reference(shape, device):
-    device = triton_device_or_skip(device)
+    device = triton_device_or_skip(device, "relative")
     args, kw = make_inputs(shape, np.float32)
     targs, tkw = tensors(args, kw, device=device)
     assert torch_relative.kernel_applies(*targs, *tkw.values())
@@ -191,7 +176,7 @@ def test_triton_kernel_matches_reference(shape, device):
 def test_triton_half_precision_and_small_tiles(device):
     """fp16 (and bf16 on a GPU) by a direct launch, with 16 x 16 tiles so that the band and
     the skewed read cross several key tiles."""
-    device = triton_device_or_skip(device)
+    device = triton_device_or_skip(device, "relative")
     from qkv.backends.torch.triton.relative import relative_forward
 
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])

@@ -11,11 +11,9 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
-from _helpers import needs_nvcc, nvcc, ptx_arg_type, ptx_params
+from _helpers import needs_nvcc, nvcc, ptx_arg_type, ptx_params, triton_device_or_skip
 
 from qkv import _checks, _dispatch, _outputs
 from qkv.backends import cupy as cupy_backend
@@ -190,24 +188,11 @@ TRITON_CASES = {
 }
 
 
-def triton_device_or_skip(device):
-    pytest.importorskip("triton")
-    if device == "cuda":
-        if os.environ.get("QKV_GPU", "") in ("", "0") or not torch.cuda.is_available():
-            pytest.skip("needs an NVIDIA GPU and QKV_GPU=1 (make gpu-check)")
-    else:
-        from qkv.backends.torch.triton import sigmoid as kernel
-
-        if not kernel.interpreted():
-            pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
-    return torch.device(device)
-
-
 @pytest.mark.parametrize("alibi", [False, True], ids=["plain", "alibi"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", TRITON_CASES.values(), ids=TRITON_CASES.keys())
 def test_triton_kernel_matches_reference(case, device, alibi):
-    device = triton_device_or_skip(device)
+    device = triton_device_or_skip(device, "sigmoid")
     *shape, causal = case
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
     for dtype in dtypes:

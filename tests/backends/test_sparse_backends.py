@@ -15,14 +15,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers import needs_nvcc, nvcc, ptx_arg_type, ptx_params
+from _helpers import needs_nvcc, nvcc, ptx_arg_type, ptx_params, triton_device_or_skip
 
 from qkv import _outputs
 from qkv.backends import cupy as cupy_backend
@@ -224,25 +223,12 @@ from qkv.backends import torch as torch_backend  # noqa: E402
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-def triton_device_or_skip(device):
-    pytest.importorskip("triton")
-    if device == "cuda":
-        if os.environ.get("QKV_GPU", "") in ("", "0") or not torch.cuda.is_available():
-            pytest.skip("needs an NVIDIA GPU and QKV_GPU=1 (make gpu-check)")
-    else:
-        from qkv.backends.torch.triton import sparse as kernel
-
-        if not kernel.interpreted():
-            pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
-    return torch.device(device)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk", [None, 5, 16], ids=["one-split", "chunk5", "chunk16"])
 @pytest.mark.parametrize("per_query", [True, False], ids=["per-query", "per-head"])
 def test_triton_kernel_matches_loop(device, chunk, per_query):
     """The fused kernel, its slot list cut into splits (merged by lse) where ``chunk`` says."""
-    device = triton_device_or_skip(device)
+    device = triton_device_or_skip(device, "sparse")
     from qkv.backends.torch.triton.sparse import sparse_forward
 
     q, k, v, idx = make_case(3, per_query=per_query, S=37)
@@ -441,7 +427,7 @@ def test_numba_group_sharing_is_detected_only_when_lists_agree():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", BIAS_LAYOUTS)
 def test_triton_kernel_bias_matches_loop(device, layout):
-    device = triton_device_or_skip(device)
+    device = triton_device_or_skip(device, "sparse")
     from qkv.backends.torch.triton.sparse import sparse_forward
 
     q, k, v, idx = make_case(10, per_query=layout == "query", S=37)

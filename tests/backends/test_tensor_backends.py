@@ -14,8 +14,6 @@ float64 (the equation as it reads, independent of the streaming kernels). Output
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -237,19 +235,6 @@ def test_torch_gradients_match_finite_differences():
         )
 
 
-def triton_device_or_skip(device):
-    pytest.importorskip("triton")
-    if device == "cuda":
-        if os.environ.get("QKV_GPU", "") in ("", "0") or not torch.cuda.is_available():
-            pytest.skip("needs an NVIDIA GPU and QKV_GPU=1 (make gpu-check)")
-    else:
-        from qkv.backends.torch.triton import tensor as kernel
-
-        if not kernel.interpreted():
-            pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
-    return torch.device(device)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", TRITON_SHAPES.values(), ids=TRITON_SHAPES.keys())
 def test_triton_kernel_matches_the_float64_reference(shape, device):
@@ -257,7 +242,7 @@ def test_triton_kernel_matches_the_float64_reference(shape, device):
     on CUDA) against the reference on the same rounded inputs: ``Q ∘ K1[i]``, ``P`` and the
     output are rounded to the dtype, a few of its ulps of ``max|v1| max|v2|`` at scores of
     order one."""
-    device = triton_device_or_skip(device)
+    device = triton_device_or_skip(device, "tensor")
     from qkv.backends.torch.triton.tensor import tensor_forward
 
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
@@ -311,7 +296,7 @@ def test_dispatched_tensor_runs_natively_on_torch(monkeypatch):
 
 # --------------------------------------------------------------------------- cupy
 
-from _helpers import needs_nvcc, nvcc, ptx_arg_type, ptx_params  # noqa: E402
+from _helpers import needs_nvcc, nvcc, ptx_arg_type, ptx_params, triton_device_or_skip  # noqa: E402
 
 from qkv import _checks  # noqa: E402
 from qkv.backends import cupy as cupy_backend  # noqa: E402

@@ -8,13 +8,13 @@ the kernel, not the torch fallback path, is what runs.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
+
+from _helpers import triton_device_or_skip  # noqa: E402
 
 from qkv import _outputs  # noqa: E402
 from qkv.backends.torch import _attention, flash  # noqa: E402
@@ -33,19 +33,6 @@ CASES = {
     "causal-square": (1, 4, 1, 33, 33, 16, 24, True),
 }
 HEAD_DIMS = [16, 24, 64, 256]
-
-
-def device_or_skip(device):
-    """Skip with the reason when the kernel cannot run on ``device`` in this process."""
-    if device == "cuda":
-        if os.environ.get("QKV_GPU", "") in ("", "0") or not torch.cuda.is_available():
-            pytest.skip("needs an NVIDIA GPU and QKV_GPU=1 (make gpu-check)")
-    else:
-        from qkv.backends.torch.triton import flash as kernel
-
-        if not kernel.interpreted():
-            pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
-    return torch.device(device)
 
 
 def make_inputs(shape, dtype, device, seed=0):
@@ -99,7 +86,7 @@ def half_dtypes(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_kernel_matches_reference(case, device):
-    device = device_or_skip(device)
+    device = triton_device_or_skip(device, "flash")
     *shape, causal = case
     for dtype in [torch.float32, *half_dtypes(device.type)]:
         q, k, v = make_inputs(shape, dtype, device)
@@ -111,7 +98,7 @@ def test_kernel_matches_reference(case, device):
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_head_dims(head_dim, device):
     """Head dims 16-256, padded to a power of two (24 -> 32) with masking."""
-    device = device_or_skip(device)
+    device = triton_device_or_skip(device, "flash")
     shape = (1, 2, 1, 3, 5, head_dim, head_dim)
     for dtype in [torch.float32, *half_dtypes(device.type)]:
         q, k, v = make_inputs(shape, dtype, device, seed=head_dim)
@@ -122,7 +109,7 @@ def test_head_dims(head_dim, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_strided_inputs_and_scale(device):
     """Non-contiguous views (a ``(B, N, H, D)`` projection transposed) and an explicit scale."""
-    device = device_or_skip(device)
+    device = triton_device_or_skip(device, "flash")
     shape = (2, 4, 2, 9, 12, 16, 16)
     q, k, v = (
         t.transpose(1, 2).contiguous().transpose(1, 2)
@@ -142,7 +129,7 @@ def test_strided_inputs_and_scale(device):
 )
 def test_gpu_larger_shapes(shape, dtype):
     """Several full tiles per program with the default block sizes on a real GPU."""
-    device = device_or_skip("cuda")
+    device = triton_device_or_skip("cuda", "flash")
     q, k, v = make_inputs(shape, dtype, device, seed=5)
     out, lse = run_kernel(q, k, v, causal=True)
     check(out, lse, q, k, v, causal=True)
@@ -150,7 +137,7 @@ def test_gpu_larger_shapes(shape, dtype):
 
 def test_other_cases_take_the_torch_path():
     """Masks, weights, autograd and bfloat16 on the CPU run torch's path, with the same results."""
-    device_or_skip("cpu")
+    triton_device_or_skip("cpu", "flash")
     shape = (1, 2, 1, 5, 7, 16, 16)
     q, k, v = make_inputs(shape, torch.float32, "cpu", seed=6)
     mask = torch.rand(5, 7, generator=torch.Generator().manual_seed(7)) < 0.6

@@ -6,8 +6,11 @@ cache, the kept set rebuilt from that, and the full-cache engine when nothing is
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+from _kv_layouts import misshapen
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -138,19 +141,8 @@ def test_bad_hyperparameters(kw, match):
 def test_wrong_cache_layout():
     c = view(n=20)
     policy = Critic(budget=10, window=4, n_sink=2)
-    bad = [
-        CacheView(c.keys[0], c.values, c.indices, c.positions, c.next_position, 20, c.queries),
-        CacheView(
-            c.keys, c.values, c.indices[..., :5], c.positions, c.next_position, 20, c.queries
-        ),
-        CacheView(c.keys, c.values, c.indices, c.positions, c.next_position, 20, c.queries[:, :3]),
-        CacheView(
-            c.keys, c.values, c.indices, c.positions, c.next_position, 20, c.queries[..., :4]
-        ),
-        CacheView(
-            c.keys, c.values, c.indices, c.positions, c.next_position, 20, c.queries[:, :, :2]
-        ),
-    ]
+    short = replace(c, queries=c.queries[:, :, :2])  # fewer queries than the window
+    bad = [*misshapen(c), short]
     for cache in bad:
         with pytest.raises(ShapeError, match="Critic: cache"):
             policy.compress(0, cache)

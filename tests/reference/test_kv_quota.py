@@ -7,8 +7,11 @@ engine when nothing is evicted.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+from _kv_layouts import misshapen
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -153,17 +156,8 @@ def test_bad_hyperparameters(kw, match):
 def test_wrong_cache_layout():
     c = view(n=40)
     policy = QuoTA(budget=16, window=4, segment=8)
-    bad = [
-        CacheView(c.keys[0], c.values, c.indices, c.positions, c.next_position, 40, c.queries),
-        CacheView(
-            c.keys, c.values, c.indices[..., :5], c.positions, c.next_position, 40, c.queries
-        ),
-        CacheView(c.keys, c.values, c.indices, c.positions, c.next_position[:, :1], 40, c.queries),
-        CacheView(c.keys, c.values, c.indices, c.positions, c.next_position, 40, c.queries[:, :3]),
-        CacheView(
-            c.keys, c.values, c.indices, c.positions, c.next_position, 40, c.queries[:, :, :2]
-        ),
-    ]
+    short = replace(c, queries=c.queries[:, :, :2])  # fewer queries than the window
+    bad = [*misshapen(c), short]
     for cache in bad:
         with pytest.raises(ShapeError, match="QuoTA: cache"):
             policy.compress(0, cache)

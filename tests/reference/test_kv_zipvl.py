@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _kv_layouts import misshapen
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -186,14 +187,7 @@ def test_bad_hyperparameters(kw, match):
 def test_wrong_cache_layout():
     c = view(n=20)
     policy = ZipVL()
-    bad = [
-        CacheView(c.keys[0], c.values, c.indices, c.positions, c.next_position, 20, c.queries),
-        CacheView(c.keys, c.values[:, :1], c.indices, c.positions, c.next_position, 20, c.queries),
-        CacheView(
-            c.keys, c.values, c.indices, c.positions[..., :3], c.next_position, 20, c.queries
-        ),
-        CacheView(c.keys, c.values, c.indices, c.positions, c.next_position, 20, c.queries[:, :3]),
-    ]
+    bad = misshapen(c)
     for cache in bad:
         with pytest.raises(ShapeError, match="ZipVL: cache"):
             policy.compress(0, cache)

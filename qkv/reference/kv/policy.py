@@ -160,6 +160,19 @@ def check_budget(name: str, value: Any, *, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_window_budget(budget: Any, window: Any, *, rest: str) -> tuple[int, int]:
+    """``(budget, window)`` of a policy that always keeps its observation window: both counts
+    ``>= 1`` and the budget above the window (``rest`` says what the other tokens are for)."""
+    window = check_budget("window", window)
+    budget = check_budget("budget", budget)
+    if budget <= window:
+        raise ParameterError(
+            f"budget: expected more than window={window} tokens (the window is always kept, "
+            f"{rest}), got {budget}"
+        )
+    return budget, window
+
+
 def check_kept(kept: KeptCache, cache: CacheView, *, who: str) -> KeptCache:
     """Validate a policy's result against the cache it compressed (used by the engine)."""
     B, Hkv, _, D = cache.keys.shape

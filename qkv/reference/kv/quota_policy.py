@@ -45,10 +45,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qkv.errors import ParameterError
 from qkv.reference.kv.critic_policy import check_window
 from qkv.reference.kv.head_budgets import keep_where
-from qkv.reference.kv.policy import CacheView, KeptCache, KVPolicy, check_budget, gather
+from qkv.reference.kv.policy import (
+    CacheView,
+    KeptCache,
+    KVPolicy,
+    check_budget,
+    check_window_budget,
+    gather,
+)
 from qkv.reference.kv.taskkv_policy import window_attention
 
 Array = np.ndarray
@@ -124,13 +130,7 @@ class QuoTA(KVPolicy):
     floor: int = 1
 
     def __post_init__(self) -> None:
-        check_budget("window", self.window)
-        check_budget("budget", self.budget)
-        if self.budget <= self.window:
-            raise ParameterError(
-                f"budget: expected more than window={self.window} tokens (the window is always "
-                f"kept, the rest is assigned to segments), got {self.budget}"
-            )
+        check_window_budget(self.budget, self.window, rest="the rest is assigned to segments")
         check_budget("segment", self.segment)
         check_budget("floor", self.floor, minimum=0)
 

@@ -40,7 +40,15 @@ import numpy as np
 
 from qkv.errors import ParameterError, ShapeError
 from qkv.reference.kv.cache_checks import check_layout
-from qkv.reference.kv.policy import CacheView, KeptCache, KVPolicy, check_budget, gather, keep_top
+from qkv.reference.kv.policy import (
+    CacheView,
+    KeptCache,
+    KVPolicy,
+    check_budget,
+    check_window_budget,
+    gather,
+    keep_top,
+)
 from qkv.reference.kv.window_scoring import POOLINGS, pool1d  # noqa: F401 (pool1d re-exported)
 from qkv.reference.ranking import top_k
 
@@ -69,13 +77,7 @@ class SnapKV(KVPolicy):
     gqa: Literal["query", "mean"] = "query"
 
     def __post_init__(self) -> None:
-        check_budget("window", self.window)
-        check_budget("budget", self.budget)
-        if self.budget <= self.window:
-            raise ParameterError(
-                f"budget: expected more than window={self.window} tokens (the window is always "
-                f"kept, the rest is chosen), got {self.budget}"
-            )
+        check_window_budget(self.budget, self.window, rest="the rest is chosen")
         check_budget("kernel", self.kernel)
         if self.kernel % 2 == 0:
             raise ParameterError(
