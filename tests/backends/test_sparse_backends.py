@@ -142,19 +142,24 @@ def test_numba_matches_loop(dtype, per_query):
     [(4, 4, 1, False), (4, 1, 1, False), (2, 2, 5, False), (2, 1, 3, True)],
     ids=["one-row-direct", "group-of-4-gathered", "5-queries-gathered", "per-query-direct"],
 )
-def test_numba_direct_and_gathered_paths_over_several_tiles(H, Hkv, N, per_query):
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_numba_direct_and_gathered_paths_over_several_tiles(H, Hkv, N, per_query, with_bias):
     """Tasks of fewer than ``GATHER_ROWS`` rows score each slot in place, larger ones gather the
-    tile's rows for BLAS; both walk lists longer than two tiles, with empty slots, and leave
-    an empty slot out even where the row it would point at holds ``inf`` values."""
+    tile's rows for BLAS; both walk lists longer than two tiles, with empty slots in the first
+    and last tiles but none in the middle one (whose scores the gathered path, without a bias,
+    takes as they are), and leave an empty slot out even where the row it would point at holds
+    ``inf`` values."""
     from qkv.backends.numba import _sparse
 
-    S = 2 * _sparse.TILE + 5
+    T = _sparse.TILE
+    S = 2 * T + 5
     q, k, v, idx = make_case(11, B=1, H=H, Hkv=Hkv, N=N, M=3 * S, S=S, per_query=per_query)
     if not per_query:
         idx = np.repeat(idx[:, :: H // Hkv], H // Hkv, axis=1)  # a KV group's heads share a list
-    idx = np.where(idx == 0, -1, idx)  # row 0 is never listed ...
-    v[:, :, 0] = np.inf  # ... so its infinite values must not reach any output
-    bias = np.random.default_rng(12).standard_normal(idx.shape)
+    idx = np.where(idx == 0, 1, idx)  # row 0 is never listed ...
+    idx[..., [3, 2 * T + 1]] = -1  # ... but an empty slot in the first and in the last tile
+    v[:, :, 0] = np.inf  # ... so row 0's infinite values must not reach any output
+    bias = np.random.default_rng(12).standard_normal(idx.shape) if with_bias else None
     assert_numba_matches_loop(q, k, v, idx, bias, tol=5.0)
 
 

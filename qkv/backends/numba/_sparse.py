@@ -126,9 +126,11 @@ def _compile() -> dict[str, object]:
     def gathered_tile(qs, kg, vg, ix, t0, end, first, s, kt, vt):  # pragma: no cover
         """Copy the rows of slots ``t0 ... t0 + nt - 1`` (zeros for an empty slot), then
         ``s = qs K^T`` by BLAS; the values wait in ``vt`` for ``P V``. The ``first`` tile starts
-        its prefetches ``AHEAD`` slots early; none reaches ``end``."""
+        its prefetches ``AHEAD`` slots early; none reaches ``end``. Returns whether a slot of
+        the tile was empty."""
         nt, D, Dv = s.shape[1], kg.shape[1], vg.shape[1]
         line = 64 // kg.itemsize  # elements per 64-byte cache line
+        empty = False
         for t in range(-AHEAD if first else 0, nt):
             if t0 + t + AHEAD < end and ix[t0 + t + AHEAD] >= 0:  # ask for a later slot's rows
                 for c in range(0, D, line):
@@ -144,11 +146,13 @@ def _compile() -> dict[str, object]:
                 for e in range(Dv):
                     vt[t, e] = vg[j, e]
             else:
+                empty = True
                 for d in range(D):
                     kt[t, d] = 0.0
                 for e in range(Dv):
                     vt[t, e] = 0.0
         np.dot(qs, kt[:nt].T, s)
+        return empty
 
     @numba.njit(fastmath=FASTMATH, cache=True, inline="always")
     def bias_tile(s, ix, t0, bias, has_bias, b, g, h0, i0, ni, H):  # pragma: no cover
@@ -341,8 +345,9 @@ def _compile() -> dict[str, object]:
         for t0 in range(begin, end, TILE):
             nt = min(TILE, end - t0)
             s = s_buf[: R * nt].reshape(R, nt)  # (R, nt) scores of the tile
-            gathered_tile(qs, kg, vg, ix, t0, end, t0 == begin, s, kt, vt)
-            bias_tile(s, ix, t0, bias, has_bias, b, g, h0, i0, ni, H)
+            empty = gathered_tile(qs, kg, vg, ix, t0, end, t0 == begin, s, kt, vt)
+            if empty or has_bias:  # else the scores stand as they are
+                bias_tile(s, ix, t0, bias, has_bias, b, g, h0, i0, ni, H)
             softmax_step(s, m, ell, acc)
             np.dot(s, vt[:nt], pv)  # (R, Dv): P V of the tile
             for r in range(R):
