@@ -143,6 +143,54 @@ def test_selection_unions_each_group_and_keeps_sinks_and_window():
     )
 
 
+def test_codes_are_kept_across_calls_and_only_changed_slots_are_coded(monkeypatch):
+    """As the paper codes a key once, on insertion, the selector codes at each call only the
+    slots whose key or position changed since its last call; its codes always equal coding
+    every key afresh (an independent codebook ``assign`` of the un-rotated keys)."""
+    rng = np.random.default_rng(8)
+    view, _, k = make_view(rng, B=2, H=4, Hkv=2, C=30)
+    book = QueryAwareCodebook.fit(rng.standard_normal((2, 40, 8)), k[0], 10)
+    sel = A2ATS((book,), top_k=4, n_sink=2, window=3)
+    coded_rows = []  # rows the selector codes at each call
+    assign_rows = QueryAwareCodebook.assign_rows
+
+    def counting(self, keys, heads):
+        coded_rows.append(len(keys))
+        return assign_rows(self, keys, heads)
+
+    def selector_codes(v):
+        with monkeypatch.context() as patch:
+            patch.setattr(QueryAwareCodebook, "assign_rows", counting)
+            return sel.codes(0, v)
+
+    def afresh(v):
+        return book.assign(rotate(v.keys, -v.positions, base=BASE))  # (B, Hkv, C)
+
+    np.testing.assert_array_equal(selector_codes(view), afresh(view))
+    # a decode step: every (b, g) gains a slot; one key is overwritten, one position moved
+    grown = CacheView(
+        keys=np.concatenate([view.keys, rng.standard_normal((2, 2, 1, 8))], axis=2),
+        values=np.concatenate([view.values, rng.standard_normal((2, 2, 1, 8))], axis=2),
+        indices=np.concatenate([view.indices, np.full((2, 2, 1), 30)], axis=2),
+        positions=np.concatenate([view.positions, np.full((2, 2, 1), 30)], axis=2),
+        next_position=view.next_position + 1,
+        n_tokens=31,
+        queries=view.queries,
+        rope_base=BASE,
+    )
+    grown.keys[0, 1, 5] = rng.standard_normal(8)
+    grown.positions[1, 0, 7] = 12
+    np.testing.assert_array_equal(selector_codes(grown), afresh(grown))
+    other, _, _ = make_view(np.random.default_rng(9), B=2, H=4, Hkv=2, C=31)  # another cache
+    np.testing.assert_array_equal(selector_codes(other), afresh(other))
+    smaller, _, _ = make_view(np.random.default_rng(10), B=1, H=4, Hkv=2, C=31)  # another layout
+    np.testing.assert_array_equal(selector_codes(smaller), afresh(smaller))
+    assert coded_rows == [2 * 2 * 30, 2 * 2 + 2, 2 * 2 * 31, 1 * 2 * 31]
+    np.testing.assert_array_equal(
+        sel.select(0, smaller), A2ATS((book,), top_k=4, n_sink=2, window=3).select(0, smaller)
+    )
+
+
 def test_topk_fraction_counts_the_cached_tokens():
     sel = A2ATS((), topk=0.03)
     assert sel.count(1000) == 30 and sel.count(10) == 0

@@ -37,8 +37,10 @@ ones: ``n_sink=8``, ``window=64``, ``relative_position=2048``, ``topk=0.03``, 40
 
 The lab engine (:mod:`qkv.lab.engine`) caches keys **after** RoPE, each at its position; the
 selector un-rotates them ($R_{-j} R_j k = k$) before coding them, and rotates the cached
-query (at position $i$) by $\delta - i$ to get $R_\delta q$. The official code keeps codes
-computed once per key; here the cache's keys are coded at each step, which gives the same codes.
+query (at position $i$) by $\delta - i$ to get $R_\delta q$. The official code codes each key
+once, when it enters the cache; the selector does the same across decode steps: it keeps each
+layer's codes with the keys and positions they came from and codes only the slots that changed
+since its last call (the step's new token), which gives the codes of coding every key afresh.
 Calibration for the lab decoder: :func:`lab_codebooks`.
 """
 
@@ -242,11 +244,17 @@ class QueryAwareCodebook:
     def assign(self, keys: Array) -> Array:
         """Codes ``(B, Hkv, C)`` of pre-RoPE keys ``(B, Hkv, C, D)``: nearest in the metric."""
         B, Hkv, C, D = keys.shape
-        codes = np.empty((B, Hkv, C), dtype=np.int64)
-        for g in range(Hkv):
+        heads = np.broadcast_to(np.arange(Hkv)[:, None], (B, Hkv, C))  # (B, Hkv, C)
+        return self.assign_rows(keys.reshape(-1, D), heads.reshape(-1)).reshape(B, Hkv, C)
+
+    def assign_rows(self, keys: Array, heads: Array) -> Array:
+        """Codes ``(n,)`` of pre-RoPE keys ``(n, D)``, key ``r`` coded with KV head ``heads[r]``'s
+        codebook: the nearest codeword in that head's metric."""
+        codes = np.empty(len(keys), dtype=np.int64)
+        for g in np.unique(heads):
+            rows = heads == g  # (n,)
             L = self.cholesky[g]
-            flat = keys[:, g].reshape(B * C, D)  # (B C, D)
-            codes[:, g] = nearest(flat @ L, self.centroids[g] @ L)[0].reshape(B, C)
+            codes[rows] = nearest(keys[rows] @ L, self.centroids[g] @ L)[0]
         return codes
 
 
@@ -302,6 +310,37 @@ def a2ats_slots(logits: Array, candidate: Array, keep: Array, count: int) -> Arr
     return np.repeat(slots_of(union), G, axis=1)  # (B, H, S)
 
 
+@dataclass(frozen=True, eq=False)
+class CodedKeys:
+    """One layer's key codes with what they were computed from.
+
+    Attributes:
+        keys: the cached (rotated) keys ``(B, Hkv, C, D)``.
+        positions: their positions ``(B, Hkv, C)``.
+        codes: their codes ``(B, Hkv, C)``.
+    """
+
+    keys: Array
+    positions: Array
+    codes: Array
+
+    def carried(self, cache: CacheView) -> tuple[Array, Array]:
+        """``(codes, kept)``, both ``(B, Hkv, C)`` for ``cache``: ``kept`` marks the slots that
+        still hold the key and position coded here (none past this record's slots, none for a
+        cache of another layout), ``codes`` their codes (0 elsewhere)."""
+        B, Hkv, C, D = cache.keys.shape
+        codes = np.zeros((B, Hkv, C), dtype=np.int64)
+        kept = np.zeros((B, Hkv, C), dtype=bool)
+        if self.keys.shape[:2] != (B, Hkv) or self.keys.shape[3] != D:
+            return codes, kept
+        n = min(self.keys.shape[2], C)  # the slots both hold
+        kept[..., :n] = np.all(self.keys[:, :, :n] == cache.keys[:, :, :n], axis=-1) & (
+            self.positions[:, :, :n] == cache.positions[:, :, :n]
+        )
+        codes[..., :n] = np.where(kept[..., :n], self.codes[..., :n], 0)
+        return codes, kept
+
+
 @dataclass(frozen=True)
 class A2ATS(KVSelector):
     """A²ATS as a decode-time selector for the lab engine.
@@ -322,6 +361,7 @@ class A2ATS(KVSelector):
     window: int = 64
     relative_position: int = 2048
     top_k: int | None = None
+    coded: dict[int, CodedKeys] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_topk(self.topk)
@@ -347,10 +387,30 @@ class A2ATS(KVSelector):
 
     def codes(self, layer: int, cache: CacheView) -> Array:
         """Codes ``(B, Hkv, C)`` of the cached keys: un-rotated from their cached positions,
-        then coded with the layer's codebook. The paper codes each key once, when it enters
-        the cache; a caller that keeps them passes them to :meth:`select`."""
-        keys = rotate(cache.keys, -cache.positions, base=cache.rope_base)  # (B, Hkv, C, D)
-        return self.codebook(layer).assign(keys)  # (B, Hkv, C) of the pre-RoPE keys
+        then coded with the layer's codebook.
+
+        The paper codes each key once, when it enters the cache. The selector keeps the
+        layer's codes of its last call (:attr:`coded`) and codes only the slots whose key or
+        position has changed since: at a decode step, the new token's slot; for another cache,
+        every slot. The codes are those of coding every key afresh.
+        """
+        book = self.codebook(layer)
+        last = self.coded.get(layer)
+        if last is None:
+            codes = np.zeros(cache.keys.shape[:3], dtype=np.int64)  # (B, Hkv, C)
+            kept = np.zeros(codes.shape, dtype=bool)  # (B, Hkv, C)
+        else:
+            codes, kept = last.carried(cache)
+        b, g, c = np.nonzero(~kept)  # (n,) each: the slots to code
+        if len(b):
+            pre = rotate(
+                cache.keys[b, g, c][None, None],
+                -cache.positions[b, g, c][None, None],
+                base=cache.rope_base,
+            )  # (1, 1, n, D) the pre-RoPE keys
+            codes[b, g, c] = book.assign_rows(pre[0, 0], g)
+        self.coded[layer] = CodedKeys(cache.keys.copy(), cache.positions.copy(), codes)
+        return codes
 
     def logits(self, layer: int, cache: CacheView, codes: Array | None = None) -> Array:
         r"""Approximate logits $R_\delta q_h \cdot \hat c_{\text{code}(j)}$ of every slot ``(B, H, C)``.
