@@ -248,7 +248,6 @@ def run(M: int, budget_s: float, rng: np.random.Generator, evict: Evictor) -> li
     q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
     golden = {key: qkv.sparse_attention(q64, k64, v64, idx) for key, idx in picks.items()}
     full_golden = qkv.sdpa(q64, k64, v64)
-    cold_s = budget_s / 2  # the timing budget of a cold row
     every = np.broadcast_to(np.arange(M), (B, HKV, M)).copy()  # (B, Hkv, M): all the rows
     flush_all = cold_start(k, v, every, evict)
     flushes = {key: cold_start(k, v, distinct(idx), evict) for key, idx in picks.items()}
@@ -269,8 +268,7 @@ def run(M: int, budget_s: float, rng: np.random.Generator, evict: Evictor) -> li
         for (budget, lists), idx in picks.items():
             index = wrap(idx)
             call = lambda a=args, i=index, n=name: qkv.sparse_attention(*a, i, backend=n)  # noqa: E731
-            ms = best_ms(call, budget_s=budget_s)
-            cold = best_ms(call, budget_s=cold_s, max_repeats=15, before=flushes[(budget, lists)])
+            ms, cold = warm_and_cold(call, budget_s, flushes[(budget, lists)])
             got = np.asarray(qkv.sparse_attention(*args, index, backend=name))
             impl = "sparse_attention" + ("" if lists == "per head" else " (group lists)")
             sparse_rows.append({
@@ -294,8 +292,7 @@ def run(M: int, budget_s: float, rng: np.random.Generator, evict: Evictor) -> li
         own = distinct(idx)  # (B, L, S)
         total = np.empty(own.shape[0] * own.shape[1], np.float32)
         call = lambda i=own, t=total: read_rows(k, v, i, t)  # noqa: E731
-        ms = best_ms(call, budget_s=budget_s)
-        cold = best_ms(call, budget_s=cold_s, max_repeats=15, before=flushes[(budget, lists)])
+        ms, cold = warm_and_cold(call, budget_s, flushes[(budget, lists)])
         rows.append({
             "backend": "floor", "impl": "read the selected rows" + (
                 "" if lists == "per head" else " (group lists)"),

@@ -146,7 +146,7 @@ def test_selection_unions_each_group_and_keeps_sinks_and_window():
 def test_codes_are_kept_across_calls_and_only_changed_slots_are_coded(monkeypatch):
     """As the paper codes a key once, on insertion, the selector codes at each call only the
     slots whose key or position changed since its last call; its codes always equal coding
-    every key afresh (an independent codebook ``assign`` of the un-rotated keys)."""
+    every key afresh (a brute-force nearest codeword of each un-rotated key)."""
     rng = np.random.default_rng(8)
     view, _, k = make_view(rng, B=2, H=4, Hkv=2, C=30)
     book = QueryAwareCodebook.fit(rng.standard_normal((2, 40, 8)), k[0], 10)
@@ -163,8 +163,11 @@ def test_codes_are_kept_across_calls_and_only_changed_slots_are_coded(monkeypatc
             patch.setattr(QueryAwareCodebook, "assign_rows", counting)
             return sel.codes(0, v)
 
-    def afresh(v):
-        return book.assign(rotate(v.keys, -v.positions, base=BASE))  # (B, Hkv, C)
+    def afresh(v):  # brute force: each pre-RoPE key's nearest codeword, min_m |(k - c_m) L|^2
+        pre = rotate(v.keys, -v.positions, base=BASE)  # (B, Hkv, C, D)
+        diff = pre[:, :, :, None] - book.centroids[None, :, None]  # (B, Hkv, C, K, D)
+        metric = np.einsum("bgckd,gde->bgcke", diff, book.cholesky)  # (B, Hkv, C, K, D)
+        return np.argmin(np.sum(metric**2, axis=-1), axis=-1)  # (B, Hkv, C)
 
     np.testing.assert_array_equal(selector_codes(view), afresh(view))
     # a decode step: every (b, g) gains a slot; one key is overwritten, one position moved
